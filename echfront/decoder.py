@@ -1,0 +1,447 @@
+# -*- test-case-name: tests.test_decoder -*-
+"""The split-mode ECH decoder, sans-IO (RFC 9849 §5, §7.1, §7.1.1).
+
+:class:`ECHDecoder` turns the reassembled first ClientHello into a
+:class:`ClientHelloInfo`: which hello decides routing (inner or outer), the
+effective server name and ALPN list, the ECH outcome, and the exact bytes to
+forward.  When ECH was accepted the info also carries a
+:class:`SecondHelloDecoder` holding the HPKE context, which rewrites the
+client's second ClientHello if the backend answers with a HelloRetryRequest.
+
+Not every failure is an error.  RFC 9849 §7.1: when no candidate key
+decrypts the payload (GREASE, a stale config, an unknown config_id), the
+server "MUST ignore the extension and proceed with the connection" using
+the outer hello; that is ``ECHStatus.REJECTED``.  Real errors (malformed
+structures, forbidden values) raise :class:`~echfront.errors.AlertError`
+subclasses carrying the alert, and nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from echfront.errors import DecodeError, DecryptError, IllegalParameter, MissingExtension
+from echfront.hello import (
+    EXT_ECH,
+    EXT_ECH_OUTER_EXTENSIONS,
+    HANDSHAKE_CLIENT_HELLO,
+    ClientHello,
+    Extension,
+)
+from echfront.hpke import HPKEError, RecipientContext
+from echfront.keys import ECHKey, KeySet
+from echfront.records import CONTENT_HANDSHAKE, HandshakeFlight, frame_records
+
+__all__ = [
+    "ClientHelloInfo",
+    "ECHDecoder",
+    "ECHStatus",
+    "OuterECH",
+    "RejectReason",
+    "SecondHello",
+    "SecondHelloDecoder",
+    "parse_outer_ech",
+    "rebuild_inner",
+]
+
+_ECH_TYPE_OUTER = 0
+_ECH_TYPE_INNER = 1
+#: Offset of enc within ECHClientHello(outer): type, kdf_id, aead_id, config_id, enc length.
+_ENC_OFFSET = 1 + 2 + 2 + 1 + 2
+
+
+class ECHStatus(enum.Enum):
+    """What happened to ECH on a connection (RFC 9849 §7.1)."""
+
+    #: No encrypted_client_hello extension: an ordinary TLS client.
+    NOT_OFFERED = "not_offered"
+    #: Offered but not decrypted: GREASE, unknown config_id or a failed open.
+    #: These are indistinguishable by design (§10.10.4, checklist REJ-7).
+    REJECTED = "rejected"
+    #: Decrypted: routing and forwarding use the ClientHelloInner.
+    ACCEPTED = "accepted"
+
+
+class RejectReason(enum.Enum):
+    """Why ECH was rejected; for metrics only, never for behaviour (REJ-7)."""
+
+    UNKNOWN_CONFIG_ID = "unknown_config_id"
+    UNSUPPORTED_SUITE = "unsupported_suite"
+    DECRYPT_FAILED = "decrypt_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class OuterECH:
+    """An ECHClientHello of type outer (RFC 9849 §5).
+
+    :ivar payload_offset: where ``payload`` starts in the ClientHelloOuter
+        body; the AAD zeroes exactly those bytes (§5.2, checklist AAD-2).
+    """
+
+    kdf_id: int
+    aead_id: int
+    config_id: int
+    enc: bytes
+    payload: bytes
+    payload_offset: int
+
+    def aad(self, outer_body: bytes) -> bytes:
+        """ClientHelloOuterAAD: the outer body with the payload zeroed (§5.2)."""
+        start = self.payload_offset
+        end = start + len(self.payload)
+        return outer_body[:start] + bytes(len(self.payload)) + outer_body[end:]
+
+
+def parse_outer_ech(
+    extension: Extension,
+    *,
+    inner_type_alert: type[DecodeError | IllegalParameter] = IllegalParameter,
+) -> OuterECH:
+    """Parse the encrypted_client_hello extension of a ClientHelloOuter (§5).
+
+    :param inner_type_alert: the error for an extension of type inner.  For a
+        first ClientHello a split-mode front answers illegal_parameter (§7,
+        checklist PAR-5); for the second one Go and BoringSSL answer
+        decode_error (HRR-5).
+    :raises IllegalParameter: for an unknown type (PAR-6).
+    :raises DecodeError: for truncation, trailing bytes or an empty payload (PAR-7).
+    """
+    data = extension.data
+    if not data:
+        raise DecodeError("empty encrypted_client_hello extension")
+    if data[0] == _ECH_TYPE_INNER:
+        raise inner_type_alert("encrypted_client_hello of type inner in a ClientHelloOuter")
+    if data[0] != _ECH_TYPE_OUTER:
+        raise IllegalParameter(f"unknown ECHClientHello type {data[0]}")
+    if len(data) < _ENC_OFFSET:
+        raise DecodeError("truncated ECHClientHello")
+    enc_len = (data[6] << 8) | data[7]
+    payload_len_at = _ENC_OFFSET + enc_len
+    if len(data) < payload_len_at + 2:
+        raise DecodeError("truncated ECHClientHello enc")
+    payload_len = (data[payload_len_at] << 8) | data[payload_len_at + 1]
+    payload_at = payload_len_at + 2
+    if payload_len == 0:
+        raise DecodeError("empty ECHClientHello payload")
+    if payload_at + payload_len != len(data):
+        raise DecodeError("ECHClientHello payload length does not match the extension")
+    return OuterECH(
+        kdf_id=(data[1] << 8) | data[2],
+        aead_id=(data[3] << 8) | data[4],
+        config_id=data[5],
+        enc=data[_ENC_OFFSET:payload_len_at],
+        payload=data[payload_at:],
+        payload_offset=extension.offset + payload_at,
+    )
+
+
+def rebuild_inner(outer: ClientHello, encoded: bytes) -> bytes:
+    """Rebuild the ClientHelloInner message from an EncodedClientHelloInner (§5.1).
+
+    Copies the outer legacy_session_id in (REC-2), checks the padding is all
+    zeros (REC-1) and replaces the one ``ech_outer_extensions`` extension, in
+    place, by the referenced outer extensions.  Expansion is linear
+    (App. A, REC-9): one cursor walks the outer extensions forwards and is
+    never rewound, which also enforces order (REC-7), existence (REC-4) and
+    single use (REC-5) at once.  Every referenced extension is used at most
+    once, so the result is never larger than outer plus payload (SEC-2).
+
+    :returns: the handshake message (4-byte header and body), byte-exact
+        what the client hashes (REC-12).
+    :raises IllegalParameter: for the §5.1 violations the checklist maps to 47.
+    :raises DecodeError: for structural errors.
+    """
+    end = len(encoded)
+    if end < 35:
+        raise DecodeError("EncodedClientHelloInner too short")
+    if encoded[34] != 0:
+        raise IllegalParameter("EncodedClientHelloInner has a non-empty legacy_session_id")
+    pos = 35
+    if pos + 2 > end:
+        raise DecodeError("EncodedClientHelloInner truncated")
+    pos += 2 + ((encoded[pos] << 8) | encoded[pos + 1])
+    if pos + 1 > end:
+        raise DecodeError("EncodedClientHelloInner truncated in cipher_suites")
+    pos += 1 + encoded[pos]
+    if pos + 2 > end:
+        raise DecodeError("EncodedClientHelloInner has no extensions")
+    ext_block_at = pos
+    ext_end = pos + 2 + ((encoded[pos] << 8) | encoded[pos + 1])
+    if ext_end > end:
+        raise DecodeError("EncodedClientHelloInner extensions overrun the payload")
+    padding = encoded[ext_end:]
+    if padding.count(0) != len(padding):
+        raise IllegalParameter("EncodedClientHelloInner padding is not all zeros")
+
+    outer_exts = outer.extensions
+    cursor = 0
+    expanded = False
+    parts: list[bytes] = []
+    pos = ext_block_at + 2
+    while pos < ext_end:
+        if ext_end - pos < 4:
+            raise DecodeError("truncated extension in EncodedClientHelloInner")
+        ext_type = (encoded[pos] << 8) | encoded[pos + 1]
+        data_end = pos + 4 + ((encoded[pos + 2] << 8) | encoded[pos + 3])
+        if data_end > ext_end:
+            raise DecodeError("extension overruns EncodedClientHelloInner")
+        if ext_type != EXT_ECH_OUTER_EXTENSIONS:
+            parts.append(encoded[pos:data_end])
+            pos = data_end
+            continue
+        if expanded:
+            raise IllegalParameter("ech_outer_extensions appears twice")
+        expanded = True
+        refs = encoded[pos + 4 : data_end]
+        # OuterExtensions: ExtensionType OuterExtensions<2..254> (§5.1).
+        if not refs or refs[0] != len(refs) - 1 or refs[0] < 2 or refs[0] % 2:
+            raise DecodeError("bad ech_outer_extensions length")
+        for i in range(1, len(refs), 2):
+            wanted = (refs[i] << 8) | refs[i + 1]
+            if wanted in (EXT_ECH, EXT_ECH_OUTER_EXTENSIONS):
+                raise IllegalParameter(f"ech_outer_extensions references 0x{wanted:04x}")
+            while cursor < len(outer_exts) and outer_exts[cursor].type != wanted:
+                cursor += 1
+            if cursor == len(outer_exts):
+                raise IllegalParameter(
+                    f"ech_outer_extensions reference 0x{wanted:04x} is missing, repeated "
+                    "or out of order"
+                )
+            parts.append(outer_exts[cursor].raw)
+            cursor += 1
+        pos = data_end
+
+    block = b"".join(parts)
+    sid = outer.session_id
+    body = b"".join(
+        (
+            encoded[:34],
+            bytes((len(sid),)),
+            sid,
+            encoded[35:ext_block_at],
+            len(block).to_bytes(2, "big"),
+            block,
+        )
+    )
+    return bytes((HANDSHAKE_CLIENT_HELLO,)) + len(body).to_bytes(3, "big") + body
+
+
+def _validate_inner(inner: ClientHello) -> None:
+    """Check a rebuilt ClientHelloInner (RFC 9849 §7.1, FWD-1, FWD-2)."""
+    ech = inner.get(EXT_ECH)
+    if ech is None or ech.data != b"\x01":
+        raise IllegalParameter("ClientHelloInner lacks an encrypted_client_hello of type inner")
+    if not inner.offers_tls13_only():
+        raise IllegalParameter("ClientHelloInner must offer TLS 1.3 and nothing older")
+
+
+def _open_inner(
+    context: RecipientContext, outer: ClientHello, ech: OuterECH
+) -> tuple[ClientHello, bytes] | None:
+    """Open the payload and rebuild the inner hello; None if the open fails."""
+    try:
+        encoded = context.open(ech.aad(outer.body), ech.payload)
+    except HPKEError:
+        return None
+    message = rebuild_inner(outer, encoded)
+    inner = ClientHello.parse(message[4:])
+    _validate_inner(inner)
+    return inner, message
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHelloInfo:
+    """Routing metadata for one connection, and the bytes to forward.
+
+    :ivar outer: the ClientHello as received (the ClientHelloOuter when ECH
+        was offered).
+    :ivar inner: the rebuilt ClientHelloInner when ECH was accepted.
+    :ivar status: the ECH outcome.
+    :ivar config_id: the config_id the client used, when ECH was offered.
+    :ivar key: the key that decrypted, when accepted.
+    :ivar reject_reason: why ECH was rejected, for metrics only.
+    :ivar server_name: the effective SNI: inner when accepted, else outer.
+    :ivar alpn: the effective ALPN protocol list, likewise.
+    :ivar forward: records to send to the backend in place of the client's
+        first flight: the ClientHelloInner re-framed with the client's record
+        version (FWD-4) when accepted, else the client's records unchanged.
+    :ivar rest: bytes that followed the ClientHello, to forward untouched.
+    :ivar second_hello: decodes the second ClientHello after a
+        HelloRetryRequest; present only when accepted.
+    """
+
+    outer: ClientHello
+    inner: ClientHello | None
+    status: ECHStatus
+    config_id: int | None
+    key: ECHKey | None
+    reject_reason: RejectReason | None
+    server_name: str | None
+    alpn: tuple[bytes, ...]
+    forward: bytes
+    rest: bytes
+    second_hello: SecondHelloDecoder | None
+
+    @property
+    def effective(self) -> ClientHello:
+        """The hello that decides routing: inner if accepted, else outer."""
+        return self.inner if self.inner is not None else self.outer
+
+
+@dataclass(frozen=True, slots=True)
+class SecondHello:
+    """The rewritten second ClientHello (RFC 9849 §7.1.1)."""
+
+    inner: ClientHello
+    forward: bytes
+
+
+class SecondHelloDecoder:
+    """Decrypts the second ClientHello after a HelloRetryRequest (§7.1.1).
+
+    It reuses the first hello's HPKE context, so the payload opens at
+    sequence number 1 (HRR-2, HRR-6), and requires the same config_id and
+    cipher suite with an empty ``enc`` (HRR-4).  It can be used once.
+    """
+
+    __slots__ = ("_context", "_first", "_used")
+
+    def __init__(self, context: RecipientContext, first: OuterECH) -> None:
+        """Keep the context and the first hello's ECH parameters."""
+        self._context = context
+        self._first = first
+        self._used = False
+
+    def decode(self, flight: HandshakeFlight) -> SecondHello:
+        """Decode the client's second ClientHello and rebuild its inner hello.
+
+        :raises MissingExtension: if it has no encrypted_client_hello (HRR-3).
+        :raises IllegalParameter: if config_id or suite changed, or enc is
+            not empty (HRR-4), or for §5.1 violations in the rebuild (HRR-7).
+        :raises DecryptError: if the payload does not open (HRR-6).
+        :raises DecodeError: for malformed input (HRR-5).
+        """
+        if self._used:
+            raise RuntimeError("a second ClientHello is decoded only once")
+        self._used = True
+        outer = ClientHello.from_message(flight.message)
+        if EXT_ECH_OUTER_EXTENSIONS in outer:
+            raise IllegalParameter("ech_outer_extensions in a ClientHelloOuter")
+        extension = outer.get(EXT_ECH)
+        if extension is None:
+            raise MissingExtension("second ClientHello lacks encrypted_client_hello")
+        ech = parse_outer_ech(extension, inner_type_alert=DecodeError)
+        first = self._first
+        if (ech.kdf_id, ech.aead_id, ech.config_id) != (
+            first.kdf_id,
+            first.aead_id,
+            first.config_id,
+        ):
+            raise IllegalParameter("second ClientHello changed the ECH config or cipher suite")
+        if ech.enc:
+            raise IllegalParameter("second ClientHello has a non-empty enc")
+        opened = _open_inner(self._context, outer, ech)
+        if opened is None:
+            raise DecryptError("second ClientHello did not decrypt")
+        inner, message = opened
+        return SecondHello(inner, frame_records(CONTENT_HANDSHAKE, flight.record_version, message))
+
+
+class ECHDecoder:
+    """Decides, for a first ClientHello, which hello routes the connection.
+
+    :param keys: the key set (immutable; a reload makes a new decoder).
+    :param trial_decryption: try every key regardless of config_id.  Off by
+        default: RFC 9849 §7.1 forbids it unless configured (DEC-2), and it
+        multiplies the cost an attacker can force.
+    :param require_public_name: refuse (illegal_parameter) a hello whose
+        outer SNI differs from the public_name of every candidate config
+        (§7.1 permits this, DEC-7).
+    """
+
+    __slots__ = ("keys", "require_public_name", "trial_decryption")
+
+    def __init__(
+        self, keys: KeySet, *, trial_decryption: bool = False, require_public_name: bool = False
+    ) -> None:
+        """Decode against ``keys``."""
+        self.keys = keys
+        self.trial_decryption = trial_decryption
+        self.require_public_name = require_public_name
+
+    def decode(self, flight: HandshakeFlight) -> ClientHelloInfo:
+        """Decode a first flight whose message is a ClientHello.
+
+        :raises AlertError: for malformed or forbidden input; never anything else.
+        """
+        outer = ClientHello.from_message(flight.message)
+        if EXT_ECH_OUTER_EXTENSIONS in outer:
+            raise IllegalParameter("ech_outer_extensions in a ClientHelloOuter")  # PAR-8
+        extension = outer.get(EXT_ECH)
+        if extension is None:
+            return self._plain(outer, flight, ECHStatus.NOT_OFFERED, None, None)
+        ech = parse_outer_ech(extension)
+        candidates = (
+            self.keys.decrypting if self.trial_decryption else (self.keys.candidates(ech.config_id))
+        )
+        if self.require_public_name and candidates:
+            outer_name = outer.server_name()
+            candidates = tuple(k for k in candidates if k.config.public_name == outer_name)
+            if not candidates:
+                raise IllegalParameter("outer server_name is not the config's public_name")
+        if not candidates:
+            return self._plain(
+                outer, flight, ECHStatus.REJECTED, ech.config_id, RejectReason.UNKNOWN_CONFIG_ID
+            )
+        reason = RejectReason.UNSUPPORTED_SUITE
+        for key in candidates:
+            # DEC-3: only a config that lists the client's suite is a candidate.
+            if key.recipient is None or not key.config.supports(ech.kdf_id, ech.aead_id):
+                continue
+            reason = RejectReason.DECRYPT_FAILED
+            try:
+                context = key.recipient.setup(ech.kdf_id, ech.aead_id, ech.enc, key.info)
+            except HPKEError:
+                continue  # DEC-5: a bad enc is a failed candidate, not an error
+            opened = _open_inner(context, outer, ech)
+            if opened is None:
+                continue
+            inner, message = opened
+            return ClientHelloInfo(
+                outer=outer,
+                inner=inner,
+                status=ECHStatus.ACCEPTED,
+                config_id=ech.config_id,
+                key=key,
+                reject_reason=None,
+                server_name=inner.server_name(),
+                alpn=inner.alpn_protocols(),
+                forward=frame_records(CONTENT_HANDSHAKE, flight.record_version, message),
+                rest=flight.rest,
+                second_hello=SecondHelloDecoder(context, ech),
+            )
+        return self._plain(outer, flight, ECHStatus.REJECTED, ech.config_id, reason)
+
+    @staticmethod
+    def _plain(
+        outer: ClientHello,
+        flight: HandshakeFlight,
+        status: ECHStatus,
+        config_id: int | None,
+        reason: RejectReason | None,
+    ) -> ClientHelloInfo:
+        """Route by the outer hello and forward the client's records as they came."""
+        return ClientHelloInfo(
+            outer=outer,
+            inner=None,
+            status=status,
+            config_id=config_id,
+            key=None,
+            reject_reason=reason,
+            server_name=outer.server_name(),
+            alpn=outer.alpn_protocols(),
+            forward=flight.records,
+            rest=flight.rest,
+            second_hello=None,
+        )

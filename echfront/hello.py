@@ -1,0 +1,410 @@
+# -*- test-case-name: tests.test_hello -*-
+"""ClientHello and ServerHello parsing and encoding, sans-IO (RFC 8446 §4.1).
+
+A :class:`ClientHello` keeps the exact body it was parsed from and the offset
+of every extension's data in it: the ECH AAD is computed over the bytes as
+received (RFC 9849 §5.2) and the payload is located by its parsed offset,
+never by searching for its value (checklist AAD-2, AAD-3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from echfront.errors import DecodeError, IllegalParameter, UnexpectedMessage
+
+__all__ = [
+    "EXT_ALPN",
+    "EXT_ECH",
+    "EXT_ECH_OUTER_EXTENSIONS",
+    "EXT_KEY_SHARE",
+    "EXT_PRE_SHARED_KEY",
+    "EXT_SERVER_NAME",
+    "EXT_SUPPORTED_VERSIONS",
+    "HANDSHAKE_CLIENT_HELLO",
+    "HANDSHAKE_SERVER_HELLO",
+    "HRR_RANDOM",
+    "TLS13",
+    "ClientHello",
+    "Extension",
+    "ServerHello",
+    "encode_client_hello_body",
+    "encode_extensions",
+    "handshake_message",
+    "is_grease",
+    "normalize_server_name",
+]
+
+HANDSHAKE_CLIENT_HELLO = 1
+HANDSHAKE_SERVER_HELLO = 2
+
+EXT_SERVER_NAME = 0x0000
+EXT_ALPN = 0x0010
+EXT_PRE_SHARED_KEY = 0x0029
+EXT_SUPPORTED_VERSIONS = 0x002B
+EXT_KEY_SHARE = 0x0033
+#: RFC 9849 §5.1: ech_outer_extensions, only ever inside an EncodedClientHelloInner.
+EXT_ECH_OUTER_EXTENSIONS = 0xFD00
+#: RFC 9849 §5: encrypted_client_hello.
+EXT_ECH = 0xFE0D
+
+TLS13 = 0x0304
+
+#: RFC 8446 §4.1.3: a HelloRetryRequest is a ServerHello with this random,
+#: SHA-256("HelloRetryRequest").
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+_HOSTNAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def is_grease(value: int) -> bool:
+    """Whether a 16-bit codepoint is a GREASE value 0x?A?A (RFC 8701)."""
+    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """One extension as received.
+
+    :ivar type: the ExtensionType.
+    :ivar data: the extension_data bytes.
+    :ivar offset: where ``data`` starts in the message body it came from.
+    :ivar raw: the whole extension, type and length included, as received.
+    """
+
+    type: int
+    data: bytes
+    offset: int
+    raw: bytes
+
+
+def _parse_extensions(body: bytes, pos: int, end: int) -> tuple[Extension, ...]:
+    """Parse an extension block ``body[pos:end]`` (RFC 8446 §4.2).
+
+    :raises DecodeError: on bad lengths or a repeated type (RFC 8446 §4.2:
+        "There MUST NOT be more than one extension of the same type").
+    """
+    extensions = []
+    seen = set()
+    while pos < end:
+        if end - pos < 4:
+            raise DecodeError("truncated extension header")
+        ext_type = (body[pos] << 8) | body[pos + 1]
+        length = (body[pos + 2] << 8) | body[pos + 3]
+        data_end = pos + 4 + length
+        if data_end > end:
+            raise DecodeError(f"extension 0x{ext_type:04x} overruns its block")
+        if ext_type in seen:
+            raise DecodeError(f"extension 0x{ext_type:04x} appears twice")
+        seen.add(ext_type)
+        extensions.append(
+            Extension(ext_type, body[pos + 4 : data_end], pos + 4, body[pos:data_end])
+        )
+        pos = data_end
+    return tuple(extensions)
+
+
+def normalize_server_name(raw: bytes) -> str:
+    """Return a DNS host name from SNI bytes, lower-cased (RFC 6066 §3).
+
+    Only A-labels are valid in SNI; a trailing dot, empty labels or bytes
+    outside letters, digits, ``-``, ``_`` and ``.`` are refused.
+
+    :raises IllegalParameter: for anything that is not a plausible host name.
+    """
+    name = raw.lower()
+    if (
+        not name
+        or len(name) > 253
+        or not _HOSTNAME_BYTES.issuperset(name)
+        or name.startswith(b".")
+        or name.endswith(b".")
+        or b".." in name
+    ):
+        raise IllegalParameter("server_name is not a valid host name")
+    return name.decode("ascii")
+
+
+class _HelloBase:
+    """Extension access shared by ClientHello and ServerHello."""
+
+    __slots__ = ("_by_type", "body", "extensions")
+
+    body: bytes
+    extensions: tuple[Extension, ...]
+    _by_type: dict[int, Extension]
+
+    def _index(self, extensions: tuple[Extension, ...]) -> None:
+        self.extensions = extensions
+        self._by_type = {ext.type: ext for ext in extensions}
+
+    def get(self, ext_type: int) -> Extension | None:
+        """Return the extension of ``ext_type``, or None."""
+        return self._by_type.get(ext_type)
+
+    def __contains__(self, ext_type: object) -> bool:
+        """Whether an extension of that type is present."""
+        return ext_type in self._by_type
+
+    @property
+    def extension_types(self) -> tuple[int, ...]:
+        """Extension types in the order the peer sent them."""
+        return tuple(ext.type for ext in self.extensions)
+
+
+class ClientHello(_HelloBase):
+    """A parsed ClientHello body (RFC 8446 §4.1.2).
+
+    Fields are the wire values; nothing is normalised or reordered.  SNI,
+    ALPN and supported_versions are decoded on request by the methods below,
+    since which of them matter depends on whether ECH was accepted (RFC 9849
+    §7.1: the outer supported_versions is irrelevant when the inner decides).
+    """
+
+    __slots__ = (
+        "cipher_suites",
+        "compression_methods",
+        "extensions_offset",
+        "legacy_version",
+        "random",
+        "session_id",
+    )
+
+    legacy_version: int
+    random: bytes
+    session_id: bytes
+    cipher_suites: bytes
+    compression_methods: bytes
+    extensions_offset: int
+
+    @classmethod
+    def from_message(cls, message: bytes) -> ClientHello:
+        """Parse a whole handshake message (4-byte header + body)."""
+        if len(message) < 4 or message[0] != HANDSHAKE_CLIENT_HELLO:
+            raise UnexpectedMessage("not a ClientHello")
+        if int.from_bytes(message[1:4], "big") != len(message) - 4:
+            raise DecodeError("ClientHello length does not match its header")
+        return cls.parse(message[4:])
+
+    @classmethod
+    def parse(cls, body: bytes) -> ClientHello:
+        """Parse a ClientHello body.
+
+        A body without an extension block is valid (pre-TLS-1.3 clients);
+        anything after the extension block is not.
+
+        :raises DecodeError: on any length or structure error.
+        """
+        self = cls.__new__(cls)
+        self.body = body
+        end = len(body)
+        if end < 35:
+            raise DecodeError("ClientHello too short")
+        self.legacy_version = (body[0] << 8) | body[1]
+        self.random = body[2:34]
+        sid_len = body[34]
+        if sid_len > 32:
+            raise DecodeError("legacy_session_id longer than 32 bytes")
+        pos = 35 + sid_len
+        if pos + 2 > end:
+            raise DecodeError("ClientHello truncated in legacy_session_id")
+        self.session_id = body[35:pos]
+        cs_len = (body[pos] << 8) | body[pos + 1]
+        pos += 2
+        if cs_len < 2 or cs_len % 2 or pos + cs_len + 1 > end:
+            raise DecodeError("bad cipher_suites length")
+        self.cipher_suites = body[pos : pos + cs_len]
+        pos += cs_len
+        cm_len = body[pos]
+        pos += 1
+        if cm_len < 1 or pos + cm_len > end:
+            raise DecodeError("bad legacy_compression_methods length")
+        self.compression_methods = body[pos : pos + cm_len]
+        pos += cm_len
+        if pos == end:
+            self.extensions_offset = pos
+            self._index(())
+            return self
+        if pos + 2 > end:
+            raise DecodeError("truncated extensions length")
+        ext_len = (body[pos] << 8) | body[pos + 1]
+        pos += 2
+        self.extensions_offset = pos
+        if pos + ext_len != end:
+            raise DecodeError("extensions length does not match the ClientHello")
+        self._index(_parse_extensions(body, pos, end))
+        return self
+
+    @property
+    def message(self) -> bytes:
+        """The handshake message: 4-byte header and body."""
+        return handshake_message(HANDSHAKE_CLIENT_HELLO, self.body)
+
+    def server_name(self) -> str | None:
+        """The host_name of server_name (RFC 6066 §3), lower-cased, or None.
+
+        :raises DecodeError: for a malformed extension.
+        :raises IllegalParameter: for a name that is not a host name.
+        """
+        ext = self._by_type.get(EXT_SERVER_NAME)
+        if ext is None:
+            return None
+        data = ext.data
+        if len(data) < 2 or (data[0] << 8) | data[1] != len(data) - 2 or len(data) == 2:
+            raise DecodeError("bad server_name list length")
+        pos = 2
+        host_name: bytes | None = None
+        while pos < len(data):
+            if pos + 3 > len(data):
+                raise DecodeError("truncated server_name entry")
+            name_type = data[pos]
+            length = (data[pos + 1] << 8) | data[pos + 2]
+            pos += 3
+            if length == 0 or pos + length > len(data):
+                raise DecodeError("bad server_name entry length")
+            if name_type == 0:
+                if host_name is not None:
+                    raise IllegalParameter("two host_name entries in server_name")
+                host_name = data[pos : pos + length]
+            pos += length
+        return None if host_name is None else normalize_server_name(host_name)
+
+    def alpn_protocols(self) -> tuple[bytes, ...]:
+        """The offered ALPN protocol names (RFC 7301 §3.1), in order.
+
+        :raises DecodeError: for a malformed extension or an empty name.
+        """
+        ext = self._by_type.get(EXT_ALPN)
+        if ext is None:
+            return ()
+        data = ext.data
+        if len(data) < 3 or (data[0] << 8) | data[1] != len(data) - 2:
+            raise DecodeError("bad ALPN list length")
+        names = []
+        pos = 2
+        while pos < len(data):
+            length = data[pos]
+            pos += 1
+            if length == 0 or pos + length > len(data):
+                raise DecodeError("bad ALPN protocol name length")
+            names.append(data[pos : pos + length])
+            pos += length
+        return tuple(names)
+
+    def supported_versions(self) -> tuple[int, ...] | None:
+        """The supported_versions list (RFC 8446 §4.2.1), or None if absent.
+
+        :raises DecodeError: for a malformed extension.
+        """
+        ext = self._by_type.get(EXT_SUPPORTED_VERSIONS)
+        if ext is None:
+            return None
+        data = ext.data
+        if len(data) < 3 or data[0] != len(data) - 1 or data[0] % 2:
+            raise DecodeError("bad supported_versions length")
+        return tuple((data[i] << 8) | data[i + 1] for i in range(1, len(data), 2))
+
+    def offers_tls13_only(self) -> bool:
+        """Whether supported_versions offers TLS 1.3 and nothing older.
+
+        GREASE values are ignored.  This is the RFC 9849 §7.1 condition on a
+        ClientHelloInner ("MUST NOT offer TLS 1.2 or below").
+        """
+        versions = self.supported_versions()
+        if not versions:
+            return False
+        real = [v for v in versions if not is_grease(v)]
+        return TLS13 in real and all(v >= TLS13 for v in real)
+
+    @property
+    def has_key_share(self) -> bool:
+        """Whether a key_share extension is present."""
+        return EXT_KEY_SHARE in self._by_type
+
+
+class ServerHello(_HelloBase):
+    """A parsed ServerHello or HelloRetryRequest body (RFC 8446 §4.1.3)."""
+
+    __slots__ = ("cipher_suite", "legacy_version", "random", "session_id")
+
+    legacy_version: int
+    random: bytes
+    session_id: bytes
+    cipher_suite: int
+
+    @classmethod
+    def from_message(cls, message: bytes) -> ServerHello:
+        """Parse a whole handshake message (4-byte header + body)."""
+        if len(message) < 4 or message[0] != HANDSHAKE_SERVER_HELLO:
+            raise UnexpectedMessage("not a ServerHello")
+        if int.from_bytes(message[1:4], "big") != len(message) - 4:
+            raise DecodeError("ServerHello length does not match its header")
+        body = message[4:]
+        self = cls.__new__(cls)
+        self.body = body
+        end = len(body)
+        if end < 38:
+            raise DecodeError("ServerHello too short")
+        self.legacy_version = (body[0] << 8) | body[1]
+        self.random = body[2:34]
+        sid_len = body[34]
+        pos = 35 + sid_len
+        if sid_len > 32 or pos + 3 > end:
+            raise DecodeError("bad ServerHello legacy_session_id_echo")
+        self.session_id = body[35:pos]
+        self.cipher_suite = (body[pos] << 8) | body[pos + 1]
+        pos += 3  # cipher_suite and legacy_compression_method
+        if pos == end:
+            self._index(())
+            return self
+        if pos + 2 > end or pos + 2 + ((body[pos] << 8) | body[pos + 1]) != end:
+            raise DecodeError("bad ServerHello extensions length")
+        self._index(_parse_extensions(body, pos + 2, end))
+        return self
+
+    @property
+    def is_hello_retry_request(self) -> bool:
+        """Whether this is a HelloRetryRequest (RFC 8446 §4.1.3)."""
+        return self.random == HRR_RANDOM
+
+
+def handshake_message(msg_type: int, body: bytes) -> bytes:
+    """Prefix ``body`` with a handshake header (RFC 8446 §4)."""
+    return bytes((msg_type,)) + len(body).to_bytes(3, "big") + body
+
+
+def encode_extensions(extensions: Iterable[tuple[int, bytes]]) -> bytes:
+    """Encode (type, data) pairs as an extension block with its length."""
+    block = b"".join(t.to_bytes(2, "big") + len(d).to_bytes(2, "big") + d for t, d in extensions)
+    return len(block).to_bytes(2, "big") + block
+
+
+def encode_client_hello_body(
+    *,
+    random: bytes,
+    session_id: bytes,
+    cipher_suites: Sequence[int] | bytes,
+    extensions: Iterable[tuple[int, bytes]],
+    legacy_version: int = 0x0303,
+    compression_methods: bytes = b"\x00",
+) -> bytes:
+    """Encode a ClientHello body (RFC 8446 §4.1.2)."""
+    suites = (
+        cipher_suites
+        if isinstance(cipher_suites, bytes)
+        else b"".join(s.to_bytes(2, "big") for s in cipher_suites)
+    )
+    return b"".join(
+        (
+            legacy_version.to_bytes(2, "big"),
+            random,
+            bytes((len(session_id),)),
+            session_id,
+            len(suites).to_bytes(2, "big"),
+            suites,
+            bytes((len(compression_methods),)),
+            compression_methods,
+            encode_extensions(extensions),
+        )
+    )
