@@ -1,0 +1,572 @@
+# -*- test-case-name: tests.test_config -*-
+"""Configuration: TOML (and command-line flags) to validated settings, then to a FrontState.
+
+Loading happens in two steps, both of which report a problem as one
+:class:`~echfront.errors.ConfigError` line naming the key:
+
+1. :func:`parse_config` checks the document's shape and values and returns
+   a frozen :class:`Config` (no files are read, no sockets made);
+2. :func:`build_state` reads key and certificate files, builds endpoints,
+   local TLS services and the router, and returns the
+   :class:`~echfront.front.FrontState` the front serves with.
+
+A reload runs both steps again and swaps the state only if both succeed.
+The reference for every key is docs/configuration.rst.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IProtocolFactory
+
+from echfront.decoder import ECHDecoder
+from echfront.echconfig import validate_public_name
+from echfront.errors import AlertDescription, ConfigError
+from echfront.front import FrontSettings, FrontState
+from echfront.interfaces import IRouter
+from echfront.keys import KeySet, read_key_file
+from echfront.local import load_certificate_options, local_target
+from echfront.routing import (
+    UNRECOGNIZED,
+    Backend,
+    Local,
+    Reject,
+    Route,
+    Rule,
+    StaticRouter,
+    validate_pattern,
+)
+from echfront.svcb import validate_alpn_id
+
+__all__ = [
+    "BackendConfig",
+    "Config",
+    "KeyFileConfig",
+    "LocalConfig",
+    "RouteConfig",
+    "ServiceContext",
+    "build_state",
+    "load_config_file",
+    "parse_config",
+    "resolve_dotted",
+]
+
+DEFAULT_LISTEN = "tcp:443"
+DEFAULT_PUBLIC_FACTORY = "echfront.web:public_service"
+
+
+@dataclass(frozen=True)
+class KeyFileConfig:
+    """One RFC 9934 key file and its role."""
+
+    path: Path
+    published: bool = True
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """A backend reached through a client endpoint string."""
+
+    name: str
+    endpoint: str
+    connect_timeout: float = 10.0
+    proxy_protocol: int = 0
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """A locally terminated service: certificate plus application factory."""
+
+    name: str
+    cert: Path
+    key: Path | None
+    factory: str
+    alpn: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One routing rule: a name pattern to a target."""
+
+    name: str
+    target: str  # "backend:NAME", "local:NAME", "public" or "reject:ALERT"
+    alpn: tuple[str, ...] | None = None
+    require_ech: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration (see docs/configuration.rst)."""
+
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    keys: tuple[KeyFileConfig, ...] = ()
+    public_name: str | None = None
+    public: LocalConfig | None = None
+    backends: Mapping[str, BackendConfig] = field(default_factory=dict)
+    locals: Mapping[str, LocalConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    default: str = "reject:unrecognized_name"
+    router: str | None = None
+    router_options: Mapping[str, Any] = field(default_factory=dict)
+    settings: FrontSettings = field(default_factory=FrontSettings)
+    trial_decryption: bool = False
+    require_public_name: bool = False
+    source: Path | None = None
+
+
+# -- step 1: shape and values ------------------------------------------------
+
+
+class _Section:
+    """Typed, checked access to one TOML table; unknown keys are errors."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, known: Iterable[str]) -> None:
+        self.data = data
+        self.where = where
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{self._key(unknown[0])}: unknown key")
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        value = self.data.get(key, default)
+        if value is default:
+            return default
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise ConfigError(f"{self._key(key)}: expected a number, got a boolean")
+        if not isinstance(value, kind):
+            names = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
+            raise ConfigError(f"{self._key(key)}: expected {names}, got {type(value).__name__}")
+        return value
+
+    def positive(self, key: str, default: float) -> float:
+        value = self.get(key, (int, float), default)
+        if value <= 0:
+            raise ConfigError(f"{self._key(key)}: must be greater than 0")
+        return float(value)
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        value = self.get(key, list)
+        if value is None:
+            return None
+        if not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of non-empty strings")
+        return tuple(value)
+
+    def table(self, key: str) -> Mapping[str, Any]:
+        value: Mapping[str, Any] = self.get(key, dict, {})
+        return value
+
+    def path(self, key: str, base: Path, *, required: bool = True) -> Path | None:
+        value = self.get(key, str)
+        if value is None:
+            if required:
+                raise ConfigError(f"{self._key(key)}: required")
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base / path
+
+
+_TOP = (
+    "listen",
+    "public_name",
+    "default",
+    "ech",
+    "limits",
+    "public",
+    "backends",
+    "locals",
+    "routes",
+    "router",
+)
+
+
+def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Config:
+    """Validate a configuration document (already parsed from TOML).
+
+    :param base: directory that relative paths are relative to.
+    :raises ConfigError: one line naming the key and the problem.
+    """
+    top = _Section(data, "", _TOP)
+    listen = top.strings("listen") or (DEFAULT_LISTEN,)
+    public_name = top.get("public_name", str)
+    if public_name is not None:
+        try:
+            public_name = validate_public_name(public_name)
+        except ConfigError as error:
+            raise ConfigError(f"public_name: {error}") from None
+
+    ech = _Section(top.table("ech"), "ech", ("keys", "trial_decryption", "require_public_name"))
+    keys = []
+    key_entries = ech.get("keys", list, [])
+    for index, entry in enumerate(key_entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"ech.keys[{index}]: expected a table with file = ...")
+        section = _Section(entry, f"ech.keys[{index}]", ("file", "published"))
+        path = section.path("file", base)
+        assert path is not None
+        keys.append(KeyFileConfig(path, section.get("published", bool, True)))
+
+    limits = _Section(
+        top.table("limits"),
+        "limits",
+        ("first_flight_timeout", "handshake_timeout", "max_first_flight"),
+    )
+    max_flight = limits.get("max_first_flight", int, 64 * 1024)
+    if not 512 <= max_flight <= 1024 * 1024:
+        raise ConfigError("limits.max_first_flight: must be 512..1048576 bytes")
+    settings = FrontSettings(
+        first_flight_timeout=limits.positive("first_flight_timeout", 10.0),
+        handshake_timeout=limits.positive("handshake_timeout", 30.0),
+        max_first_flight=max_flight,
+    )
+
+    public = None
+    if "public" in data:
+        public = _local_config("public", top.table("public"), base, DEFAULT_PUBLIC_FACTORY)
+
+    backends = {}
+    for name, entry in top.table("backends").items():
+        backends[name] = _backend_config(name, entry)
+    locals_ = {}
+    for name, entry in top.table("locals").items():
+        if name == "public":
+            raise ConfigError("locals.public: the name 'public' is reserved for [public]")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"locals.{name}: expected a table")
+        locals_[name] = _local_config(f"locals.{name}", entry, base, None, name=name)
+
+    routes = []
+    route_entries = top.get("routes", list, [])
+    for index, entry in enumerate(route_entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"routes[{index}]: expected a table")
+        routes.append(_route_config(index, entry, backends, locals_, public is not None))
+
+    default = _target_of(
+        "default", top.get("default", str, "reject"), backends, locals_, public is not None
+    )
+
+    router_section = _Section(top.table("router"), "router", ("factory", "options"))
+    router = router_section.get("factory", str)
+    return Config(
+        listen=listen,
+        keys=tuple(keys),
+        public_name=public_name,
+        public=public,
+        backends=backends,
+        locals=locals_,
+        routes=tuple(routes),
+        default=default,
+        router=router,
+        router_options=router_section.table("options"),
+        settings=settings,
+        trial_decryption=ech.get("trial_decryption", bool, False),
+        require_public_name=ech.get("require_public_name", bool, False),
+        source=source,
+    )
+
+
+def _backend_config(name: str, entry: object) -> BackendConfig:
+    where = f"backends.{name}"
+    if isinstance(entry, str):
+        entry = {"endpoint": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected an endpoint string or a table")
+    section = _Section(entry, where, ("endpoint", "connect_timeout", "proxy_protocol"))
+    endpoint = section.get("endpoint", str)
+    if not endpoint:
+        raise ConfigError(f"{where}.endpoint: required")
+    proxy = section.get("proxy_protocol", int, 0)
+    if proxy not in (0, 1, 2):
+        raise ConfigError(f"{where}.proxy_protocol: must be 0 (off), 1 or 2")
+    return BackendConfig(name, endpoint, section.positive("connect_timeout", 10.0), proxy)
+
+
+def _local_config(
+    where: str, entry: Mapping[str, Any], base: Path, default_factory: str | None, name: str = ""
+) -> LocalConfig:
+    section = _Section(entry, where, ("cert", "key", "factory", "alpn", "options"))
+    cert = section.path("cert", base)
+    assert cert is not None
+    factory = section.get("factory", str, default_factory)
+    if factory is None:
+        raise ConfigError(f"{where}.factory: required (a dotted name, module:callable)")
+    alpn = section.strings("alpn") or ()
+    for alpn_id in alpn:
+        try:
+            validate_alpn_id(alpn_id)
+        except ConfigError as error:
+            raise ConfigError(f"{where}.alpn: {error}") from None
+    return LocalConfig(
+        name or "public",
+        cert,
+        section.path("key", base, required=False),
+        factory,
+        alpn,
+        section.table("options"),
+    )
+
+
+_ALERTS = {a.name.lower(): a for a in AlertDescription}
+
+
+def _target_of(
+    where: str,
+    text: str,
+    backends: Mapping[str, BackendConfig],
+    locals_: Mapping[str, LocalConfig],
+    has_public: bool,
+) -> str:
+    """Validate a target reference: ``backend:N``, ``local:N``, ``public``, ``reject[:alert]``."""
+    kind, _, name = text.partition(":")
+    if kind == "backend" and name in backends:
+        return text
+    if kind == "local" and name in locals_:
+        return text
+    if kind == "public" and not name:
+        if not has_public:
+            raise ConfigError(f"{where}: 'public' needs a [public] section (its certificate)")
+        return text
+    if kind == "reject":
+        alert = name or "unrecognized_name"
+        if alert not in _ALERTS:
+            raise ConfigError(f"{where}: unknown alert {alert!r} (e.g. unrecognized_name)")
+        return f"reject:{alert}"
+    if kind in ("backend", "local"):
+        raise ConfigError(f"{where}: no {kind} named {name!r}")
+    raise ConfigError(f"{where}: {text!r} is not backend:NAME, local:NAME, public or reject")
+
+
+def _route_config(
+    index: int,
+    entry: Mapping[str, Any],
+    backends: Mapping[str, BackendConfig],
+    locals_: Mapping[str, LocalConfig],
+    has_public: bool,
+) -> RouteConfig:
+    where = f"routes[{index}]"
+    section = _Section(
+        entry, where, ("name", "backend", "local", "public", "reject", "alpn", "require_ech")
+    )
+    name = section.get("name", str)
+    if not name:
+        raise ConfigError(f"{where}.name: required")
+    chosen = [k for k in ("backend", "local", "public", "reject") if k in entry]
+    if len(chosen) != 1:
+        raise ConfigError(f"{where}: give exactly one of backend, local, public or reject")
+    kind = chosen[0]
+    if kind == "public":
+        if section.get("public", bool) is not True:
+            raise ConfigError(f"{where}.public: must be true")
+        text = "public"
+    else:
+        text = f"{kind}:{section.get(kind, str)}"
+    target = _target_of(f"{where}.{kind}", text, backends, locals_, has_public)
+    try:
+        validate_pattern(name)
+    except ConfigError as error:
+        raise ConfigError(f"{where}.name: {error}") from None
+    return RouteConfig(
+        name, target, section.strings("alpn"), section.get("require_ech", bool, False)
+    )
+
+
+def load_config_file(path: Path) -> Config:
+    """Read and validate a TOML configuration file.
+
+    :raises ConfigError: for an unreadable file, bad TOML or bad values.
+    """
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    try:
+        return parse_config(data, base=path.parent.resolve(), source=path)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+# -- step 2: files, endpoints, services ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """What a local factory or router factory named in the config is given.
+
+    :ivar reactor: the reactor (use it; never import the global one).
+    :ivar options: the ``options`` table of its section.
+    :ivar keys: returns the key set currently in service (changes on reload).
+    :ivar public_name: the public name, if known.
+    :ivar alpn: the ALPN ids configured for the service.
+    :ivar backends: for routers: configured backends by name.
+    :ivar locals: for routers: configured local services by name; the
+        public-name service, when configured, is ``locals["public"]``.
+    :ivar static: for routers: the static table from ``[[routes]]``, to delegate to.
+    """
+
+    reactor: Any
+    options: Mapping[str, Any]
+    keys: Callable[[], KeySet]
+    public_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    backends: Mapping[str, Backend] = field(default_factory=dict)
+    locals: Mapping[str, Local] = field(default_factory=dict)
+    static: StaticRouter | None = None
+
+
+def resolve_dotted(name: str, where: str) -> Any:
+    """Import ``package.module:attribute`` (or ``package.module.attribute``).
+
+    :raises ConfigError: if it cannot be imported.
+    """
+    module_name, sep, attribute = name.partition(":")
+    if not sep:
+        module_name, _, attribute = name.rpartition(".")
+    if not module_name or not attribute:
+        raise ConfigError(f"{where}: {name!r} is not a dotted name like package.module:callable")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"{where}: cannot import {module_name!r} ({error})") from None
+    try:
+        value = module
+        for part in attribute.split("."):
+            value = getattr(value, part)
+    except AttributeError:
+        raise ConfigError(f"{where}: {module_name!r} has no attribute {attribute!r}") from None
+    return value
+
+
+def _load_keys(config: Config) -> KeySet:
+    keys = []
+    for entry in config.keys:
+        keys.extend(read_key_file(entry.path, published=entry.published))
+    return KeySet(keys)
+
+
+def _public_name(config: Config, keys: KeySet) -> str | None:
+    if config.public_name:
+        return config.public_name
+    names = sorted({k.config.public_name for k in keys.keys})
+    return names[0] if names else None
+
+
+def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]) -> FrontState:
+    """Read files and build everything a :class:`~echfront.front.FrontState` holds.
+
+    :param current_keys: returns the key set in service at call time; local
+        services (the origin-svcb document) call it per request, so they
+        follow reloads.
+    :raises ConfigError: one line naming the file or key and the problem.
+    """
+    keys = _load_keys(config)
+    public_name = _public_name(config, keys)
+
+    def make_local(where: str, local: LocalConfig) -> Local:
+        options = load_certificate_options(local.cert, local.key, alpn=local.alpn)
+        maker = resolve_dotted(local.factory, f"{where}.factory")
+        context = ServiceContext(reactor, local.options, current_keys, public_name, local.alpn)
+        try:
+            app_factory = maker(context)
+        except ConfigError as error:
+            raise ConfigError(f"{where}.factory: {error}") from None
+        if not IProtocolFactory.providedBy(app_factory):
+            raise ConfigError(f"{where}.factory: {local.factory} did not return a protocol factory")
+        return local_target(local.name, options, app_factory, reactor)
+
+    locals_: dict[str, Local] = {}
+    if config.public is not None:
+        locals_["public"] = make_local("public", config.public)
+    for name, local in config.locals.items():
+        locals_[name] = make_local(f"locals.{name}", local)
+
+    backends: dict[str, Backend] = {}
+    for name, backend in config.backends.items():
+        try:
+            endpoint = clientFromString(reactor, backend.endpoint)
+        except Exception as error:  # Twisted raises ValueError, KeyError, TypeError...
+            raise ConfigError(f"backends.{name}.endpoint: {error}") from None
+        backends[name] = Backend(
+            name, endpoint, backend.endpoint, backend.connect_timeout, backend.proxy_protocol
+        )
+
+    def target(text: str) -> Route:
+        kind, _, name = text.partition(":")
+        if kind == "backend":
+            return backends[name]
+        if kind == "local":
+            return locals_[name]
+        if kind == "public":
+            return locals_["public"]
+        if name == "unrecognized_name":
+            return UNRECOGNIZED
+        return Reject(_ALERTS[name], "configured rejection")
+
+    rules = [
+        Rule(
+            route.name,
+            target(route.target),
+            None if route.alpn is None else frozenset(a.encode() for a in route.alpn),
+            route.require_ech,
+        )
+        for route in config.routes
+    ]
+    if public_name and "public" in locals_ and not any(r.pattern == public_name for r in rules):
+        # The public name always reaches the public service (the ECH
+        # rejection path lands here: RFC 9849 §6.1.6 needs it authenticated).
+        rules.append(Rule(public_name, locals_["public"]))
+    static = StaticRouter(tuple(rules), target(config.default))
+    router: IRouter = static
+    if config.router is not None:
+        maker = resolve_dotted(config.router, "router.factory")
+        context = ServiceContext(
+            reactor,
+            config.router_options,
+            current_keys,
+            public_name,
+            (),
+            backends,
+            locals_,
+            static,
+        )
+        router = maker(context)
+        if not IRouter.providedBy(router):
+            raise ConfigError(f"router.factory: {config.router} did not return an IRouter")
+    targets: frozenset[Backend | Local] = frozenset((*backends.values(), *locals_.values()))
+    decoder = ECHDecoder(
+        keys,
+        trial_decryption=config.trial_decryption,
+        require_public_name=config.require_public_name,
+    )
+    return FrontState(decoder, router, targets, config.settings)
+
+
+def listen_endpoints(config: Config, reactor: Any) -> list[Any]:
+    """Server endpoints for ``config.listen``.
+
+    :raises ConfigError: naming the bad endpoint string.
+    """
+    endpoints = []
+    for description in config.listen:
+        try:
+            endpoints.append(serverFromString(reactor, description))
+        except Exception as error:
+            raise ConfigError(f"listen: {description!r}: {error}") from None
+    return endpoints

@@ -1,0 +1,340 @@
+# -*- test-case-name: tests.test_relay -*-
+"""Relaying a connection to its backend (RFC 9849 split mode).
+
+The relay connects to the backend through a Twisted client endpoint (so
+``tcp:``, ``unix:``, ``tls:`` or any endpoint plugin works), sends the
+rewritten first flight, then moves bytes both ways with producers
+registered in both directions (bounded memory against a slow peer) and
+half-close honoured in both directions.
+
+While ECH is accepted and the backend has not yet sent its ServerHello,
+the relay keeps watching (checklist §1.H):
+
+* backend to client: bytes are forwarded as they come, and parsed until
+  the ServerHello is known;
+* client to backend: only whole records are forwarded (CCS and 0-RTT data
+  may arrive), so that if the ServerHello is a HelloRetryRequest the second
+  ClientHello starts at a record boundary; it is then reassembled (CCS and
+  early data still pass, HRR-9), decrypted with the first hello's HPKE
+  context and rewritten (§7.1.1).
+
+After that both directions switch to the fast path: each side's
+``dataReceived`` becomes the other transport's ``write``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from echfront.errors import AlertDescription, AlertError
+from echfront.hello import HANDSHAKE_CLIENT_HELLO, HANDSHAKE_SERVER_HELLO, ServerHello
+from echfront.proxyproto import proxy_header
+from echfront.records import (
+    CONTENT_ALERT,
+    CONTENT_APPLICATION_DATA,
+    CONTENT_CHANGE_CIPHER_SPEC,
+    HandshakeReader,
+    RecordSplitter,
+)
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IReactorTime
+
+    from echfront.decoder import ClientHelloInfo
+    from echfront.front import FrontProtocol, StreamTransport
+    from echfront.routing import Backend
+
+__all__ = ["Relay"]
+
+#: Before the second ClientHello a client may still send CCS (middlebox
+#: compatibility), 0-RTT application data sent after the first ClientHello,
+#: or an alert; all pass through untouched (HRR-9).
+_BEFORE_SECOND_HELLO = frozenset(
+    (CONTENT_CHANGE_CIPHER_SPEC, CONTENT_APPLICATION_DATA, CONTENT_ALERT)
+)
+
+
+@implementer(IHalfCloseableProtocol)
+class _BackendProtocol(Protocol):
+    """The backend side of a relay; its ``dataReceived`` is rebound by the relay."""
+
+    transport: StreamTransport  # type: ignore[assignment]
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def dataReceived(self, data: bytes) -> None:
+        """Until connected to the relay's inspection, pass bytes to it."""
+        self.relay.from_backend(data)
+
+    def readConnectionLost(self) -> None:
+        """The backend sent FIN."""
+        self.relay.backend_eof()
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN to the backend went out; nothing to do."""
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        """The backend connection is gone."""
+        self.relay.backend_lost(reason)
+
+
+class _BackendFactory(Factory):
+    noisy = False
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def buildProtocol(self, addr: IAddress) -> _BackendProtocol:  # type: ignore[override]
+        return _BackendProtocol(self.relay)
+
+
+def _half_close(transport: StreamTransport) -> None:
+    """Send FIN if the transport can; otherwise wait for the full close."""
+    if IHalfCloseableDescriptor.providedBy(transport):
+        transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+
+class Relay:
+    """Moves one client connection's bytes to and from its backend.
+
+    :param front: the client's protocol; the relay rebinds its input.
+    :param info: the decoded first ClientHello (what to forward, HPKE state).
+    :param backend: the target.
+    :param clock: for the connect timeout.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, front: FrontProtocol, info: ClientHelloInfo, backend: Backend, clock: IReactorTime
+    ) -> None:
+        """Prepare; :meth:`connect` starts the work."""
+        self.front = front
+        self.info = info
+        self.backend = backend
+        self.clock = clock
+        self._connecting: Deferred[_BackendProtocol] | None = None
+        self._peer: _BackendProtocol | None = None
+        self._client_eof = False
+        self._backend_eof = False
+        self._done = False
+        self._inspecting = False
+        self._splitter: RecordSplitter | None = None
+        self._server_hello: HandshakeReader | None = None
+        self._second_hello: HandshakeReader | None = None
+
+    # -- connecting -------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect to the backend; the client stays paused until then."""
+        d: Deferred[_BackendProtocol] = self.backend.endpoint.connect(  # type: ignore[assignment]
+            _BackendFactory(self)
+        )
+        d.addTimeout(self.backend.connect_timeout, self.clock)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self._done:
+            return
+        if failure.check(CancelledError):
+            return  # the client went away first
+        reason = (
+            "backend connect timed out"
+            if failure.check(TimeoutError)
+            else (f"backend connect failed: {failure.getErrorMessage()}")
+        )
+        if not failure.check(ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError):
+            self.log.failure("unexpected backend connect failure", failure)
+        self.log.info("{backend}: {reason}", backend=self.backend.name, reason=reason)
+        self.front.send_alert(AlertDescription.INTERNAL_ERROR, reason)
+
+    def _connected(self, peer: _BackendProtocol) -> None:
+        self._connecting = None
+        if self._done:
+            peer.transport.abortConnection()
+            return
+        self._peer = peer
+        client = self.front.transport
+        backend = peer.transport
+        info = self.info
+        if self.backend.proxy_protocol:
+            backend.write(proxy_header(self.backend.proxy_protocol, client, info))
+        backend.write(info.forward)
+        pending = info.rest + self.front.take_held()
+        if info.second_hello is not None:
+            # ECH accepted: a HelloRetryRequest would need the second
+            # ClientHello rewritten, so inspect until the ServerHello.
+            self._inspecting = True
+            self._splitter = RecordSplitter()
+            self._server_hello = HandshakeReader(HANDSHAKE_SERVER_HELLO, require_boundary=False)
+            self.front.set_input(self._client_before_server_hello)
+            if pending:
+                self._client_before_server_hello(pending)
+        else:
+            # No ECH to keep: the backend sees exactly what the client sends.
+            if pending:
+                backend.write(pending)
+            self._fast_path_both()
+        # Flow control: a full socket on either side pauses reading on the other.
+        client.registerProducer(backend, True)
+        backend.registerProducer(client, True)
+        if self._client_eof:
+            _half_close(backend)
+        client.resumeProducing()
+
+    # -- inspection -------------------------------------------------------
+
+    def from_backend(self, data: bytes) -> None:
+        """Backend bytes before the fast path: learn the ServerHello, then forward."""
+        reader = self._server_hello
+        if reader is not None:
+            try:
+                flight = reader.feed(data)
+            except AlertError:
+                # Not a ServerHello we understand (an alert, TLS 1.2 oddities):
+                # nothing to rewrite, so step aside.
+                self._server_said(hello_retry=False)
+            else:
+                if flight is not None:
+                    try:
+                        retry = ServerHello.from_message(flight.message).is_hello_retry_request
+                    except AlertError:
+                        retry = False
+                    self._server_said(hello_retry=retry)
+        # The state is updated before the bytes leave, so the client direction
+        # is ready for a second ClientHello before the client can send one.
+        self.front.transport.write(data)
+
+    def _server_said(self, *, hello_retry: bool) -> None:
+        """The backend's first handshake message is known."""
+        assert self._peer is not None
+        self._server_hello = None
+        self._peer.dataReceived = self.front.transport.write  # type: ignore[method-assign]
+        splitter = self._splitter
+        self._splitter = None
+        held = splitter.pending() if splitter is not None else b""
+        if hello_retry:
+            self._second_hello = HandshakeReader(
+                HANDSHAKE_CLIENT_HELLO,
+                max_bytes=self.front.state.settings.max_first_flight,
+                pass_types=_BEFORE_SECOND_HELLO,
+            )
+            self.front.set_input(self._client_await_second_hello)
+            if held:
+                self._client_await_second_hello(held)
+        else:
+            if held:
+                self._peer.transport.write(held)
+            self._fast_path_client()
+
+    def _client_before_server_hello(self, data: bytes) -> None:
+        """Forward whole records only, so a second ClientHello starts cleanly."""
+        assert self._splitter is not None and self._peer is not None
+        try:
+            whole = self._splitter.feed(data)
+        except AlertError as error:
+            self.front.fail(error)
+            return
+        if whole:
+            self._peer.transport.write(whole)
+
+    def _client_await_second_hello(self, data: bytes) -> None:
+        """Reassemble and rewrite the second ClientHello (RFC 9849 §7.1.1)."""
+        reader = self._second_hello
+        assert reader is not None and self._peer is not None
+        assert self.info.second_hello is not None
+        try:
+            flight = reader.feed(data)
+            passed = reader.take_passed()
+            if passed:
+                self._peer.transport.write(passed)
+            if flight is None:
+                return
+            second = self.info.second_hello.decode(flight)
+        except AlertError as error:
+            self.front.fail(error)
+            return
+        self._second_hello = None
+        self._peer.transport.write(second.forward + flight.rest)
+        self._fast_path_client()
+
+    # -- fast path -----------------------------------------------------------
+
+    def _fast_path_client(self) -> None:
+        assert self._peer is not None
+        self._inspecting = False
+        self.front.set_input(self._peer.transport.write)
+        self.front.handshake_done()
+
+    def _fast_path_both(self) -> None:
+        assert self._peer is not None
+        self._peer.dataReceived = self.front.transport.write  # type: ignore[method-assign]
+        self._fast_path_client()
+
+    # -- closing -----------------------------------------------------------
+
+    def handshake_pending(self) -> bool:
+        """Whether the relay is still connecting or inspecting."""
+        return self._peer is None or self._inspecting
+
+    def client_eof(self) -> None:
+        """The client sent FIN: pass it on, keep the other direction open."""
+        self._client_eof = True
+        peer = self._peer
+        if peer is not None:
+            if self._splitter is not None:
+                # A partial record can never complete now; the backend may
+                # as well see exactly what the client sent.
+                peer.transport.write(self._splitter.pending())
+            _half_close(peer.transport)
+        self._maybe_finish()
+
+    def backend_eof(self) -> None:
+        """The backend sent FIN: pass it on."""
+        self._backend_eof = True
+        _half_close(self.front.transport)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        # Twisted never closes a half-closeable connection by itself once
+        # both directions have ended; do it here.
+        if self._client_eof and self._backend_eof:
+            self.front.transport.loseConnection()
+            if self._peer is not None:
+                self._peer.transport.loseConnection()
+
+    def backend_lost(self, reason: Failure) -> None:
+        """The backend is gone: close the client after what is already queued."""
+        if self._done:
+            return
+        self._done = True
+        if self.front.record.close_reason == "":
+            self.front.record.close_reason = "backend closed"
+        self.front.transport.loseConnection()
+
+    def client_lost(self, reason: Failure) -> None:
+        """The client is gone: stop connecting, or close the backend gently."""
+        self._done = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        elif self._peer is not None:
+            self._peer.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the backend side at once (the front refuses or timed out)."""
+        self._done = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        elif self._peer is not None:
+            self._peer.transport.abortConnection()

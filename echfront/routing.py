@@ -1,0 +1,187 @@
+# -*- test-case-name: tests.test_routing -*-
+"""Route targets and the static routing table.
+
+A connection goes to one of three kinds of target:
+
+* :class:`Backend`: relay raw bytes to a backend reached through a Twisted
+  client endpoint; the backend terminates TLS (and confirms ECH);
+* :class:`Local`: terminate TLS here with pyOpenSSL and hand the plaintext to
+  a Twisted protocol factory;
+* :class:`Reject`: send a TLS alert and close.
+
+:class:`StaticRouter` matches the effective server name (exact names first,
+then the most specific ``*.`` wildcard, which like a certificate wildcard
+stands for exactly one label), then the ALPN list, and applies
+``require_ech`` so that a private name is never served in the clear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeAlias
+
+from zope.interface import implementer
+
+from echfront.decoder import ClientHelloInfo, ECHStatus
+from echfront.errors import AlertDescription, ConfigError
+from echfront.interfaces import IRouter
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+__all__ = ["Backend", "Local", "Reject", "Route", "Rule", "StaticRouter", "validate_pattern"]
+
+
+@dataclass(frozen=True, eq=False)
+class Backend:
+    """Relay to a backend that terminates TLS itself (RFC 9849 split mode).
+
+    :ivar name: the configuration name, used in logs and metrics.
+    :ivar endpoint: how to reach it (any Twisted client endpoint).
+    :ivar description: the endpoint string, for logs.
+    :ivar connect_timeout: seconds to wait for the connection.
+    :ivar proxy_protocol: 0 (none), 1 or 2: send a PROXY protocol header first.
+    """
+
+    name: str
+    endpoint: IStreamClientEndpoint
+    description: str = ""
+    connect_timeout: float = 10.0
+    proxy_protocol: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Local:
+    """Terminate TLS in the front and serve the plaintext with a local factory.
+
+    :ivar name: the configuration name.
+    :ivar tls_factory: a TLSMemoryBIOFactory (server side) wrapping the
+        application factory, with the certificate for the names routed here.
+    """
+
+    name: str
+    tls_factory: TLSMemoryBIOFactory
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Refuse the connection with a TLS alert."""
+
+    alert: AlertDescription
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        """A name for logs and metrics: ``reject:<alert>``."""
+        return f"reject:{self.alert.name.lower()}"
+
+
+Route: TypeAlias = Backend | Local | Reject
+
+#: The target for a name that has no route, by default.
+UNRECOGNIZED = Reject(AlertDescription.UNRECOGNIZED_NAME, "no route for this server name")
+#: The target for a require_ech name reached without ECH.
+ECH_REQUIRED_REFUSAL = Reject(AlertDescription.UNRECOGNIZED_NAME, "route requires ECH")
+
+
+def validate_pattern(pattern: str) -> str:
+    """Return a lower-cased routing pattern, or raise ConfigError.
+
+    A pattern is a host name or ``*.`` followed by a host name.
+    """
+    lowered = pattern.strip().lower().rstrip(".")
+    host = lowered[2:] if lowered.startswith("*.") else lowered
+    labels = host.split(".")
+    if not host or any(
+        not label or len(label) > 63 or not all(c.isalnum() or c in "-_" for c in label)
+        for label in labels
+    ):
+        raise ConfigError(f"route name {pattern!r} is not a host name or *.host wildcard")
+    return lowered
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the static table.
+
+    :ivar pattern: ``name.example`` or ``*.example`` (one label).
+    :ivar target: where matching connections go.
+    :ivar alpn: when set, the rule only matches a client offering one of these.
+    :ivar require_ech: refuse clients that reach this name without ECH.
+    """
+
+    pattern: str
+    target: Route
+    alpn: frozenset[bytes] | None = None
+    require_ech: bool = False
+
+    def __post_init__(self) -> None:
+        """Normalise the pattern."""
+        object.__setattr__(self, "pattern", validate_pattern(self.pattern))
+
+    def matches_alpn(self, offered: Sequence[bytes]) -> bool:
+        """Whether the client's ALPN list satisfies this rule."""
+        return self.alpn is None or any(proto in self.alpn for proto in offered)
+
+
+@implementer(IRouter)
+@dataclass(frozen=True)
+class StaticRouter:
+    """Routes by a fixed table (see the module docstring for the rules).
+
+    :ivar rules: the table; for one pattern, earlier rules win, so list
+        ALPN-specific rules before the catch-all for that name.
+    :ivar default: the target for names without a rule (and for clients
+        that send no server name).
+    """
+
+    rules: tuple[Rule, ...]
+    default: Route = UNRECOGNIZED
+    _by_pattern: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Index the rules by pattern."""
+        by_pattern: dict[str, list[Rule]] = {}
+        for rule in self.rules:
+            by_pattern.setdefault(rule.pattern, []).append(rule)
+        object.__setattr__(self, "_by_pattern", {k: tuple(v) for k, v in by_pattern.items()})
+
+    @classmethod
+    def from_rules(cls, rules: Iterable[Rule], default: Route = UNRECOGNIZED) -> StaticRouter:
+        """Build a router from any iterable of rules."""
+        return cls(tuple(rules), default)
+
+    def find(self, server_name: str | None, alpn: Sequence[bytes]) -> Rule | None:
+        """Return the rule for a name and ALPN list, or None.
+
+        The lookup does the same dictionary probes whether a name is routed
+        or not, so its timing says little about the inner name (DEC-8).
+        """
+        if not server_name:
+            return None
+        candidates = [server_name]
+        dot = server_name.find(".")
+        if dot > 0:
+            candidates.append("*" + server_name[dot:])
+        for pattern in candidates:
+            for rule in self._by_pattern.get(pattern, ()):
+                if rule.matches_alpn(alpn):
+                    return rule
+        return None
+
+    def route(self, hello: ClientHelloInfo, peer: IAddress) -> Route:
+        """Route by the effective server name and ALPN (IRouter)."""
+        rule = self.find(hello.server_name, hello.alpn)
+        if rule is None:
+            return self.default
+        if rule.require_ech and hello.status is not ECHStatus.ACCEPTED:
+            return ECH_REQUIRED_REFUSAL
+        return rule.target
+
+    @property
+    def targets(self) -> frozenset[Backend | Local]:
+        """Every connectable target this table can return."""
+        found = {r.target for r in self.rules} | {self.default}
+        return frozenset(t for t in found if isinstance(t, Backend | Local))
