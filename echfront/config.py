@@ -485,8 +485,8 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
         context = ServiceContext(reactor, local.options, current_keys, public_name, local.alpn)
         try:
             app_factory = maker(context)
-        except ConfigError as error:
-            raise ConfigError(f"{where}.factory: {error}") from None
+        except Exception as error:
+            raise ConfigError(f"{where}.factory: {local.factory} failed: {error}") from None
         if not IProtocolFactory.providedBy(app_factory):
             raise ConfigError(f"{where}.factory: {local.factory} did not return a protocol factory")
         return local_target(local.name, options, app_factory, reactor)
@@ -546,7 +546,10 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
             locals_,
             static,
         )
-        router = maker(context)
+        try:
+            router = maker(context)
+        except Exception as error:
+            raise ConfigError(f"router.factory: {config.router} failed: {error}") from None
         if not IRouter.providedBy(router):
             raise ConfigError(f"router.factory: {config.router} did not return an IRouter")
     targets: frozenset[Backend | Local] = frozenset((*backends.values(), *locals_.values()))

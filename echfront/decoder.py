@@ -21,7 +21,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from echfront.errors import DecodeError, DecryptError, IllegalParameter, MissingExtension
+from echfront.errors import (
+    AlertError,
+    DecodeError,
+    DecryptError,
+    IllegalParameter,
+    MissingExtension,
+)
 from echfront.hello import (
     EXT_ECH,
     EXT_ECH_OUTER_EXTENSIONS,
@@ -199,14 +205,15 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> bytes:
             raise DecodeError("bad ech_outer_extensions length")
         for i in range(1, len(refs), 2):
             wanted = (refs[i] << 8) | refs[i + 1]
+            # Messages here say what is wrong, never which values the
+            # encrypted hello held (SEC-3).
             if wanted in (EXT_ECH, EXT_ECH_OUTER_EXTENSIONS):
-                raise IllegalParameter(f"ech_outer_extensions references 0x{wanted:04x}")
+                raise IllegalParameter("ech_outer_extensions references an ECH extension")
             while cursor < len(outer_exts) and outer_exts[cursor].type != wanted:
                 cursor += 1
             if cursor == len(outer_exts):
                 raise IllegalParameter(
-                    f"ech_outer_extensions reference 0x{wanted:04x} is missing, repeated "
-                    "or out of order"
+                    "an ech_outer_extensions reference is missing, repeated or out of order"
                 )
             parts.append(outer_exts[cursor].raw)
             cursor += 1
@@ -245,7 +252,12 @@ def _open_inner(
     except HPKEError:
         return None
     message = rebuild_inner(outer, encoded)
-    inner = ClientHello.parse(message[4:])
+    try:
+        inner = ClientHello.parse(message[4:])
+    except AlertError as error:
+        # Same alert, but a message that repeats nothing from the encrypted
+        # hello (SEC-3): the generic parser names extension types.
+        raise type(error)("malformed ClientHelloInner") from None
     _validate_inner(inner)
     return inner, message
 
@@ -355,8 +367,8 @@ class ECHDecoder:
     :param trial_decryption: try every key regardless of config_id.  Off by
         default: RFC 9849 §7.1 forbids it unless configured (DEC-2), and it
         multiplies the cost an attacker can force.
-    :param require_public_name: refuse (illegal_parameter) a hello whose
-        outer SNI differs from the public_name of every candidate config
+    :param require_public_name: refuse (illegal_parameter) a hello that
+        decrypts under a config whose public_name differs from the outer SNI
         (§7.1 permits this, DEC-7).
     """
 
@@ -385,11 +397,6 @@ class ECHDecoder:
         candidates = (
             self.keys.decrypting if self.trial_decryption else (self.keys.candidates(ech.config_id))
         )
-        if self.require_public_name and candidates:
-            outer_name = outer.server_name()
-            candidates = tuple(k for k in candidates if k.config.public_name == outer_name)
-            if not candidates:
-                raise IllegalParameter("outer server_name is not the config's public_name")
         if not candidates:
             return self._plain(
                 outer, flight, ECHStatus.REJECTED, ech.config_id, RejectReason.UNKNOWN_CONFIG_ID
@@ -408,6 +415,11 @@ class ECHDecoder:
             if opened is None:
                 continue
             inner, message = opened
+            if self.require_public_name and outer.server_name() != key.config.public_name:
+                # Checked only once a key has decrypted: a GREASE hello whose
+                # random config_id collides with ours must still take the
+                # rejection path (REJ-1), not this alert.
+                raise IllegalParameter("outer server_name is not the config's public_name")
             return ClientHelloInfo(
                 outer=outer,
                 inner=inner,

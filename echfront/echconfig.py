@@ -49,7 +49,7 @@ _KEM_NAMES = {0x0010: "DHKEM(P-256)", 0x0020: "DHKEM(X25519)", 0x647A: "MLKEM768
 _KDF_NAMES = {1: "HKDF-SHA256", 2: "HKDF-SHA384", 3: "HKDF-SHA512"}
 _AEAD_NAMES = {1: "AES-128-GCM", 2: "AES-256-GCM", 3: "ChaCha20Poly1305", 0xFFFF: "export-only"}
 
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class ECHConfigDecodeError(ConfigError):
@@ -319,12 +319,16 @@ def validate_public_name(name: str) -> str:
 
     :raises ConfigError: naming the problem.
     """
+    if not name.isascii():
+        # Checked before lower-casing: str.lower() maps some non-ASCII
+        # letters (the Kelvin sign) to ASCII ones.
+        raise ConfigError(f"public name {name!r} must be ASCII (use the A-label form)")
     lowered = name.lower()
     if not 1 <= len(lowered) <= 253:
         raise ConfigError(f"public name {name!r} must be 1..253 characters")
     labels = lowered.split(".")
     for label in labels:
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             raise ConfigError(f"public name {name!r} has an invalid label {label!r}")
     last = labels[-1]
     if last.isdigit() or re.fullmatch(r"0x[0-9a-f]*", last):

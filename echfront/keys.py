@@ -133,6 +133,8 @@ def generate_key(
         raise ConfigError(f"config_id {config_id} is already in use")
     if not 0 <= maximum_name_length <= 255:
         raise ConfigError("maximum_name_length must be 0..255")
+    if not suites:
+        raise ConfigError("at least one cipher suite is required")
     for suite in suites:
         if suite.kdf_id not in SUPPORTED_KDFS or suite.aead_id not in SUPPORTED_AEADS:
             raise ConfigError(f"unsupported cipher suite {suite}")
@@ -217,6 +219,12 @@ def load_pem(data: bytes, *, source: str = "", published: bool = True) -> list[E
         raise ConfigError(f"{where}: ECHConfigList holds no version 0xfe0d config")
     keys = []
     for config in decoded.configs:
+        if any(suite.aead_id not in SUPPORTED_AEADS for suite in config.cipher_suites):
+            # Export-only (0xFFFF) or unknown AEADs can never open a
+            # ClientHello; publishing them would only break clients (CFG-8).
+            raise ConfigError(
+                f"{where}: config_id {config.config_id} lists an AEAD this front cannot use"
+            )
         if config.has_unknown_mandatory_extension:
             raise ConfigError(
                 f"{where}: config_id {config.config_id} has an unknown mandatory extension"
@@ -240,8 +248,10 @@ def _load_private(begin: bytes, body: bytes, where: str) -> RecipientKey:
     pem = b"-----BEGIN " + begin + b"-----\n" + body + b"\n-----END " + begin + b"-----\n"
     try:
         key = load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{where}: unreadable private key ({error})") from None
+    except Exception as error:  # ValueError, TypeError, UnsupportedAlgorithm, InternalError
+        # Library messages can span lines (OpenSSL error stacks); keep one.
+        detail = " ".join(str(error).split())[:160]
+        raise ConfigError(f"{where}: unreadable private key ({detail})") from None
     if not isinstance(key, X25519PrivateKey):
         raise ConfigError(f"{where}: private key is not X25519 (DHKEM(X25519, HKDF-SHA256))")
     return RecipientKey(0x0020, key.private_bytes_raw())
@@ -272,8 +282,6 @@ def write_key_file(
         cannot be written.
     """
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise ConfigError(f"{target}: already exists (refusing to overwrite a key)")
     data = dump_pem(keys)
     directory = target.parent if str(target.parent) else Path(".")
     try:
@@ -285,10 +293,34 @@ def write_key_file(
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, target)
+        if overwrite:
+            os.replace(temp, target)
+        else:
+            # link() fails if the target exists, so a key created meanwhile
+            # by someone else is never replaced (no check-then-act race).
+            os.link(temp, target)
+            os.unlink(temp)
+        _fsync_directory(directory)
+    except FileExistsError:
+        Path(temp).unlink(missing_ok=True)
+        raise ConfigError(f"{target}: already exists (refusing to overwrite a key)") from None
     except OSError as error:
         Path(temp).unlink(missing_ok=True)
         raise ConfigError(f"{target}: cannot write key file ({error.strerror})") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry lives in the directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the data is already synced
+    finally:
+        os.close(fd)
 
 
 class KeySet:

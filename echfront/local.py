@@ -79,12 +79,13 @@ def load_certificate_options(
     except Exception:
         raise ConfigError(f"{key_path or cert_path}: no usable PEM private key") from None
     try:
-        leaf = PrivateCertificate.fromCertificateAndKeyPair(Certificate.loadPEM(blocks[0]), key)
+        certificate = Certificate.loadPEM(blocks[0])
         extra = [Certificate.loadPEM(block) for block in blocks[1:]]
     except Exception as error:
         raise ConfigError(f"{cert_path}: unreadable certificate ({error})") from None
-    if leaf.getPublicKey().keyHash() != key.keyHash():
+    if certificate.getPublicKey().keyHash() != key.keyHash():
         raise ConfigError(f"{cert_path}: the private key does not match the certificate")
+    leaf = PrivateCertificate.fromCertificateAndKeyPair(certificate, key)
     return CertificateOptions(
         privateKey=leaf.privateKey.original,
         certificate=leaf.original,

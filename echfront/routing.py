@@ -95,7 +95,9 @@ def validate_pattern(pattern: str) -> str:
     host = lowered[2:] if lowered.startswith("*.") else lowered
     labels = host.split(".")
     if not host or any(
-        not label or len(label) > 63 or not all(c.isalnum() or c in "-_" for c in label)
+        not label
+        or len(label) > 63
+        or not all(c.isascii() and (c.isalnum() or c in "-_") for c in label)
         for label in labels
     ):
         raise ConfigError(f"route name {pattern!r} is not a host name or *.host wildcard")

@@ -1,0 +1,178 @@
+package main
+
+import (
+	"bytes"
+	"crypto/ecdh"
+	"crypto/ecdsa"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+)
+
+// echConfigVersion is the ECHConfig version of RFC 9849 (draft -13 onwards).
+const echConfigVersion = 0xfe0d
+
+// HPKE KEM ids (RFC 9180) that can be loaded from a PKCS#8 key.
+var kemForCurve = map[ecdh.Curve]uint16{
+	ecdh.X25519(): 0x0020,
+	ecdh.P256():   0x0010,
+	ecdh.P384():   0x0011,
+	ecdh.P521():   0x0012,
+}
+
+// echConfig is the part of a parsed ECHConfig that key matching needs.
+type echConfig struct {
+	raw       []byte // the whole ECHConfig (version, length, contents), as Go wants it
+	kemID     uint16
+	publicKey []byte
+}
+
+// byteReader is a minimal big-endian reader for TLS presentation-language
+// structures (crypto/tls uses x/crypto/cryptobyte, which is not importable).
+type byteReader struct {
+	b   []byte
+	err error
+}
+
+func (r *byteReader) bytes(n int) []byte {
+	if r.err != nil || n > len(r.b) {
+		r.err = errors.New("truncated")
+		return nil
+	}
+	out := r.b[:n]
+	r.b = r.b[n:]
+	return out
+}
+
+func (r *byteReader) u8() int {
+	if b := r.bytes(1); b != nil {
+		return int(b[0])
+	}
+	return 0
+}
+
+func (r *byteReader) u16() int {
+	if b := r.bytes(2); b != nil {
+		return int(binary.BigEndian.Uint16(b))
+	}
+	return 0
+}
+
+func (r *byteReader) u24() int {
+	if b := r.bytes(3); b != nil {
+		return int(b[0])<<16 | int(b[1])<<8 | int(b[2])
+	}
+	return 0
+}
+
+// vec8 and vec16 read a 1- or 2-byte length prefixed vector.
+func (r *byteReader) vec8() []byte  { return r.bytes(r.u8()) }
+func (r *byteReader) vec16() []byte { return r.bytes(r.u16()) }
+
+// parseECHConfigList splits an ECHConfigList (with its 2-byte length prefix)
+// into ECHConfigs, skipping versions other than 0xfe0d as RFC 9849 requires.
+func parseECHConfigList(list []byte) ([]echConfig, error) {
+	outer := &byteReader{b: list}
+	body := outer.vec16()
+	if outer.err != nil || len(outer.b) != 0 {
+		return nil, errors.New("ECHConfigList: bad length prefix")
+	}
+	r := &byteReader{b: body}
+	var configs []echConfig
+	for len(r.b) > 0 {
+		start := r.b
+		version := r.u16()
+		contents := r.vec16()
+		if r.err != nil {
+			return nil, fmt.Errorf("ECHConfigList: %w", r.err)
+		}
+		if version != echConfigVersion {
+			continue
+		}
+		c := &byteReader{b: contents}
+		c.u8() // config_id
+		kem := c.u16()
+		pub := c.vec16()
+		c.vec16() // cipher_suites
+		c.u8()    // maximum_name_length
+		c.vec8()  // public_name
+		c.vec16() // extensions
+		if c.err != nil || len(c.b) != 0 {
+			return nil, errors.New("ECHConfig: malformed contents")
+		}
+		configs = append(configs, echConfig{
+			raw:       bytes.Clone(start[:4+len(contents)]),
+			kemID:     uint16(kem),
+			publicKey: pub,
+		})
+	}
+	return configs, nil
+}
+
+// loadECHKeyFile reads an RFC 9934 PEM file (PRIVATE KEY + ECHCONFIG) and
+// returns one EncryptedClientHelloKey per ECHConfig matching the private key.
+func loadECHKeyFile(path string, sendAsRetry bool) ([]tls.EncryptedClientHelloKey, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var priv *ecdh.PrivateKey
+	var configs []echConfig
+	for {
+		var block *pem.Block
+		block, data = pem.Decode(data)
+		if block == nil {
+			break
+		}
+		switch block.Type {
+		case "PRIVATE KEY":
+			if priv, err = parseECHPrivateKey(block.Bytes); err != nil {
+				return nil, fmt.Errorf("%s: %w", path, err)
+			}
+		case "ECHCONFIG":
+			more, err := parseECHConfigList(block.Bytes)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", path, err)
+			}
+			configs = append(configs, more...)
+		}
+	}
+	if priv == nil || len(configs) == 0 {
+		return nil, fmt.Errorf("%s: need a PRIVATE KEY and an ECHCONFIG block", path)
+	}
+	kem := kemForCurve[priv.Curve()]
+	pub := priv.PublicKey().Bytes()
+	var keys []tls.EncryptedClientHelloKey
+	for _, c := range configs {
+		if c.kemID == kem && bytes.Equal(c.publicKey, pub) {
+			keys = append(keys, tls.EncryptedClientHelloKey{
+				Config:      c.raw,
+				PrivateKey:  priv.Bytes(),
+				SendAsRetry: sendAsRetry,
+			})
+		}
+	}
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("%s: no ECHConfig matches the private key", path)
+	}
+	return keys, nil
+}
+
+// parseECHPrivateKey accepts an X25519 key (the usual ECH KEM) or a NIST curve key.
+func parseECHPrivateKey(der []byte) (*ecdh.PrivateKey, error) {
+	key, err := x509.ParsePKCS8PrivateKey(der)
+	if err != nil {
+		return nil, err
+	}
+	switch k := key.(type) {
+	case *ecdh.PrivateKey:
+		return k, nil
+	case *ecdsa.PrivateKey:
+		return k.ECDH()
+	}
+	return nil, fmt.Errorf("unsupported ECH private key type %T", key)
+}

@@ -1,0 +1,3 @@
+module echtest
+
+go 1.27
