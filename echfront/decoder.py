@@ -19,7 +19,9 @@ subclasses carrying the alert, and nothing else escapes.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from echfront.errors import (
     AlertError,
@@ -44,6 +46,7 @@ __all__ = [
     "ECHDecoder",
     "ECHStatus",
     "OuterECH",
+    "RebuiltInner",
     "RejectReason",
     "SecondHello",
     "SecondHelloDecoder",
@@ -77,8 +80,7 @@ class RejectReason(enum.Enum):
     DECRYPT_FAILED = "decrypt_failed"
 
 
-@dataclass(frozen=True, slots=True)
-class OuterECH:
+class OuterECH(NamedTuple):
     """An ECHClientHello of type outer (RFC 9849 §5).
 
     :ivar payload_offset: where ``payload`` starts in the ClientHelloOuter
@@ -142,8 +144,18 @@ def parse_outer_ech(
     )
 
 
-def rebuild_inner(outer: ClientHello, encoded: bytes) -> bytes:
-    """Rebuild the ClientHelloInner message from an EncodedClientHelloInner (§5.1).
+class RebuiltInner(NamedTuple):
+    """A rebuilt ClientHelloInner: the exact message bytes, and its parsed form."""
+
+    message: bytes
+    hello: ClientHello
+
+
+_TYPE_AND_LENGTH = struct.Struct(">HH").unpack_from
+
+
+def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
+    """Rebuild the ClientHelloInner from an EncodedClientHelloInner (§5.1).
 
     Copies the outer legacy_session_id in (REC-2), checks the padding is all
     zeros (REC-1) and replaces the one ``ech_outer_extensions`` extension, in
@@ -154,7 +166,7 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> bytes:
     once, so the result is never larger than outer plus payload (SEC-2).
 
     :returns: the handshake message (4-byte header and body), byte-exact
-        what the client hashes (REC-12).
+        what the client hashes (REC-12), and the parsed hello.
     :raises IllegalParameter: for the §5.1 violations the checklist maps to 47.
     :raises DecodeError: for structural errors.
     """
@@ -180,20 +192,33 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> bytes:
     if padding.count(0) != len(padding):
         raise IllegalParameter("EncodedClientHelloInner padding is not all zeros")
 
-    outer_exts = outer.extensions
+    sid = outer.session_id
+    # Where the extension block will start in the rebuilt body: the outer
+    # session id replaces the empty one.
+    offset = ext_block_at + len(sid) + 2
+    outer_types = outer.extension_types
+    outer_bounds = outer.extension_bounds
+    outer_body = outer.body
+    count = len(outer_types)
     cursor = 0
     expanded = False
     parts: list[bytes] = []
+    types: list[int] = []
+    bounds: list[int] = []
     pos = ext_block_at + 2
+    last = ext_end - 4
     while pos < ext_end:
-        if ext_end - pos < 4:
+        if pos > last:
             raise DecodeError("truncated extension in EncodedClientHelloInner")
-        ext_type = (encoded[pos] << 8) | encoded[pos + 1]
-        data_end = pos + 4 + ((encoded[pos + 2] << 8) | encoded[pos + 3])
+        ext_type, length = _TYPE_AND_LENGTH(encoded, pos)
+        data_end = pos + 4 + length
         if data_end > ext_end:
             raise DecodeError("extension overruns EncodedClientHelloInner")
         if ext_type != EXT_ECH_OUTER_EXTENSIONS:
             parts.append(encoded[pos:data_end])
+            types.append(ext_type)
+            bounds.append(offset)
+            offset += data_end - pos
             pos = data_end
             continue
         if expanded:
@@ -209,18 +234,22 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> bytes:
             # encrypted hello held (SEC-3).
             if wanted in (EXT_ECH, EXT_ECH_OUTER_EXTENSIONS):
                 raise IllegalParameter("ech_outer_extensions references an ECH extension")
-            while cursor < len(outer_exts) and outer_exts[cursor].type != wanted:
+            while cursor < count and outer_types[cursor] != wanted:
                 cursor += 1
-            if cursor == len(outer_exts):
+            if cursor == count:
                 raise IllegalParameter(
                     "an ech_outer_extensions reference is missing, repeated or out of order"
                 )
-            parts.append(outer_exts[cursor].raw)
+            start, stop = outer_bounds[cursor], outer_bounds[cursor + 1]
+            parts.append(outer_body[start:stop])
+            types.append(wanted)
+            bounds.append(offset)
+            offset += stop - start
             cursor += 1
         pos = data_end
+    bounds.append(offset)
 
     block = b"".join(parts)
-    sid = outer.session_id
     body = b"".join(
         (
             encoded[:34],
@@ -231,13 +260,23 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> bytes:
             block,
         )
     )
-    return bytes((HANDSHAKE_CLIENT_HELLO,)) + len(body).to_bytes(3, "big") + body
+    try:
+        hello = ClientHello.from_parts(body, types, bounds)
+    except AlertError as error:
+        # Same alert, but a message that repeats nothing from the encrypted
+        # hello (SEC-3): the generic parser names extension types.
+        raise type(error)("malformed ClientHelloInner") from None
+    message = bytes((HANDSHAKE_CLIENT_HELLO,)) + len(body).to_bytes(3, "big") + body
+    return RebuiltInner(message, hello)
+
+
+#: The whole inner ECH extension: type 0xfe0d, length 1, ECHClientHelloType inner.
+_INNER_ECH_EXTENSION = b"\xfe\x0d\x00\x01\x01"
 
 
 def _validate_inner(inner: ClientHello) -> None:
     """Check a rebuilt ClientHelloInner (RFC 9849 §7.1, FWD-1, FWD-2)."""
-    ech = inner.get(EXT_ECH)
-    if ech is None or ech.data != b"\x01":
+    if inner.raw_extension(EXT_ECH) != _INNER_ECH_EXTENSION:
         raise IllegalParameter("ClientHelloInner lacks an encrypted_client_hello of type inner")
     if not inner.offers_tls13_only():
         raise IllegalParameter("ClientHelloInner must offer TLS 1.3 and nothing older")
@@ -251,13 +290,7 @@ def _open_inner(
         encoded = context.open(ech.aad(outer.body), ech.payload)
     except HPKEError:
         return None
-    message = rebuild_inner(outer, encoded)
-    try:
-        inner = ClientHello.parse(message[4:])
-    except AlertError as error:
-        # Same alert, but a message that repeats nothing from the encrypted
-        # hello (SEC-3): the generic parser names extension types.
-        raise type(error)("malformed ClientHelloInner") from None
+    message, inner = rebuild_inner(outer, encoded)
     _validate_inner(inner)
     return inner, message
 

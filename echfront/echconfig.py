@@ -105,6 +105,7 @@ class ECHConfig:
     public_name: str
     extensions: tuple[ECHConfigExtension, ...] = ()
     _encoded: bytes = field(init=False, repr=False, compare=False)
+    _suite_pairs: frozenset[tuple[int, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Check field ranges and cache the encoding."""
@@ -125,6 +126,9 @@ class ECHConfig:
         if len(types) != len(set(types)):
             raise ValueError("ECHConfig extension types must not repeat")
         object.__setattr__(self, "_encoded", self._encode(name))
+        # Checked for every ClientHello that names this config (DEC-3).
+        pairs = frozenset((s.kdf_id, s.aead_id) for s in self.cipher_suites)
+        object.__setattr__(self, "_suite_pairs", pairs)
 
     def _encode(self, name: bytes) -> bytes:
         suites = b"".join(
@@ -163,7 +167,7 @@ class ECHConfig:
 
     def supports(self, kdf_id: int, aead_id: int) -> bool:
         """Whether the config lists this (KDF, AEAD) pair (checklist DEC-3)."""
-        return SymmetricSuite(kdf_id, aead_id) in self.cipher_suites
+        return (kdf_id, aead_id) in self._suite_pairs
 
     @property
     def kem_name(self) -> str:

@@ -9,8 +9,9 @@ never by searching for its value (checklist AAD-2, AAD-3).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from echfront.errors import DecodeError, IllegalParameter, UnexpectedMessage
 
@@ -63,8 +64,7 @@ def is_grease(value: int) -> bool:
     return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
 
 
-@dataclass(frozen=True, slots=True)
-class Extension:
+class Extension(NamedTuple):
     """One extension as received.
 
     :ivar type: the ExtensionType.
@@ -79,30 +79,49 @@ class Extension:
     raw: bytes
 
 
-def _parse_extensions(body: bytes, pos: int, end: int) -> tuple[Extension, ...]:
-    """Parse an extension block ``body[pos:end]`` (RFC 8446 §4.2).
+_TYPE_AND_LENGTH = struct.Struct(">HH").unpack_from
 
-    :raises DecodeError: on bad lengths or a repeated type (RFC 8446 §4.2:
-        "There MUST NOT be more than one extension of the same type").
+
+def _scan_extensions(body: bytes, pos: int, end: int) -> tuple[list[int], list[int]]:
+    """Index an extension block ``body[pos:end]`` (RFC 8446 §4.2) without copying it.
+
+    This runs for every hello on the per-connection path, so it records only
+    where each extension starts; :class:`Extension` values are built on demand.
+
+    :returns: the types in wire order, and the start of each extension plus
+        the block end.
+    :raises DecodeError: on bad lengths.
     """
-    extensions = []
-    seen = set()
+    types: list[int] = []
+    bounds: list[int] = []
+    add_type = types.append
+    add_bound = bounds.append
+    last = end - 4
     while pos < end:
-        if end - pos < 4:
+        if pos > last:
             raise DecodeError("truncated extension header")
-        ext_type = (body[pos] << 8) | body[pos + 1]
-        length = (body[pos + 2] << 8) | body[pos + 3]
-        data_end = pos + 4 + length
-        if data_end > end:
-            raise DecodeError(f"extension 0x{ext_type:04x} overruns its block")
-        if ext_type in seen:
-            raise DecodeError(f"extension 0x{ext_type:04x} appears twice")
-        seen.add(ext_type)
-        extensions.append(
-            Extension(ext_type, body[pos + 4 : data_end], pos + 4, body[pos:data_end])
-        )
-        pos = data_end
-    return tuple(extensions)
+        ext_type, length = _TYPE_AND_LENGTH(body, pos)
+        add_type(ext_type)
+        add_bound(pos)
+        pos += 4 + length
+    if pos != end:
+        raise DecodeError("the last extension overruns its block")
+    bounds.append(end)
+    return types, bounds
+
+
+def _positions(types: list[int]) -> dict[int, int]:
+    """Map each type to its position, refusing a repeated type.
+
+    RFC 8446 §4.2: "There MUST NOT be more than one extension of the same type".
+    """
+    # Built in C; a repeated type shows as a smaller dict.
+    by_type = dict(zip(types, range(len(types)), strict=True))
+    if len(by_type) != len(types):
+        seen: set[int] = set()
+        repeated = next(t for t in types if t in seen or seen.add(t))  # type: ignore[func-returns-value]
+        raise DecodeError(f"extension 0x{repeated:04x} appears twice")
+    return by_type
 
 
 def normalize_server_name(raw: bytes) -> str:
@@ -127,30 +146,63 @@ def normalize_server_name(raw: bytes) -> str:
 
 
 class _HelloBase:
-    """Extension access shared by ClientHello and ServerHello."""
+    """Extension access shared by ClientHello and ServerHello.
 
-    __slots__ = ("_by_type", "body", "extensions")
+    :ivar body: the message body as received.
+    :ivar extension_types: extension types in the order the peer sent them.
+    :ivar extension_bounds: where each extension starts in ``body``, then
+        the end of the block: extension ``i`` is
+        ``body[extension_bounds[i]:extension_bounds[i + 1]]``.
+    """
+
+    __slots__ = ("_by_type", "body", "extension_bounds", "extension_types")
 
     body: bytes
-    extensions: tuple[Extension, ...]
-    _by_type: dict[int, Extension]
+    extension_types: tuple[int, ...]
+    extension_bounds: tuple[int, ...]
+    _by_type: dict[int, int]
 
-    def _index(self, extensions: tuple[Extension, ...]) -> None:
-        self.extensions = extensions
-        self._by_type = {ext.type: ext for ext in extensions}
+    def _index(self, body: bytes, pos: int, end: int) -> None:
+        types, bounds = _scan_extensions(body, pos, end)
+        self._set_index(types, bounds)
+
+    def _set_index(self, types: list[int], bounds: list[int]) -> None:
+        self._by_type = _positions(types)
+        self.extension_types = tuple(types)
+        self.extension_bounds = tuple(bounds)
+
+    def _no_extensions(self) -> None:
+        self.extension_types = self.extension_bounds = ()
+        self._by_type = {}
+
+    def _extension(self, index: int) -> Extension:
+        start = self.extension_bounds[index]
+        end = self.extension_bounds[index + 1]
+        body = self.body
+        return Extension(
+            self.extension_types[index], body[start + 4 : end], start + 4, body[start:end]
+        )
 
     def get(self, ext_type: int) -> Extension | None:
         """Return the extension of ``ext_type``, or None."""
-        return self._by_type.get(ext_type)
+        index = self._by_type.get(ext_type)
+        return None if index is None else self._extension(index)
+
+    def raw_extension(self, ext_type: int) -> bytes | None:
+        """The whole extension of ``ext_type`` (type, length, data) as received, or None."""
+        index = self._by_type.get(ext_type)
+        if index is None:
+            return None
+        return self.body[self.extension_bounds[index] : self.extension_bounds[index + 1]]
 
     def __contains__(self, ext_type: object) -> bool:
         """Whether an extension of that type is present."""
         return ext_type in self._by_type
 
     @property
-    def extension_types(self) -> tuple[int, ...]:
-        """Extension types in the order the peer sent them."""
-        return tuple(ext.type for ext in self.extensions)
+    def extensions(self) -> tuple[Extension, ...]:
+        """Every extension, in wire order (built on each access)."""
+        return tuple(self._extension(i) for i in range(len(self.extension_types)))
 
 
 class ClientHello(_HelloBase):
@@ -197,6 +249,38 @@ class ClientHello(_HelloBase):
         :raises DecodeError: on any length or structure error.
         """
         self = cls.__new__(cls)
+        start = self._parse_fields(body)
+        if start is None:
+            self._no_extensions()
+        else:
+            self._index(body, start, len(body))
+        return self
+
+    @classmethod
+    def from_parts(cls, body: bytes, types: list[int], bounds: list[int]) -> ClientHello:
+        """A ClientHello whose extension index its builder already knows.
+
+        The decoder assembles the ClientHelloInner extension by extension;
+        scanning the result again would repeat that work on the
+        per-connection path.  The fixed fields are still parsed and checked,
+        the index must span the whole extension block, and a repeated type
+        is refused exactly as :meth:`parse` refuses it.
+
+        :raises DecodeError: if the body and the index disagree.
+        """
+        self = cls.__new__(cls)
+        start = self._parse_fields(body)
+        if start is None or not bounds or bounds[0] != start or bounds[-1] != len(body):
+            raise DecodeError("ClientHello extension index does not match its body")
+        self._set_index(types, bounds)
+        return self
+
+    def _parse_fields(self, body: bytes) -> int | None:
+        """Parse everything before the extensions; return where they start.
+
+        :returns: the offset of the first extension, or None when the body
+            has no extension block at all.
+        """
         self.body = body
         end = len(body)
         if end < 35:
@@ -224,8 +308,7 @@ class ClientHello(_HelloBase):
         pos += cm_len
         if pos == end:
             self.extensions_offset = pos
-            self._index(())
-            return self
+            return None
         if pos + 2 > end:
             raise DecodeError("truncated extensions length")
         ext_len = (body[pos] << 8) | body[pos + 1]
@@ -233,8 +316,7 @@ class ClientHello(_HelloBase):
         self.extensions_offset = pos
         if pos + ext_len != end:
             raise DecodeError("extensions length does not match the ClientHello")
-        self._index(_parse_extensions(body, pos, end))
-        return self
+        return pos
 
     @property
     def message(self) -> bytes:
@@ -247,7 +329,7 @@ class ClientHello(_HelloBase):
         :raises DecodeError: for a malformed extension.
         :raises IllegalParameter: for a name that is not a host name.
         """
-        ext = self._by_type.get(EXT_SERVER_NAME)
+        ext = self.get(EXT_SERVER_NAME)
         if ext is None:
             return None
         data = ext.data
@@ -275,7 +357,7 @@ class ClientHello(_HelloBase):
 
         :raises DecodeError: for a malformed extension or an empty name.
         """
-        ext = self._by_type.get(EXT_ALPN)
+        ext = self.get(EXT_ALPN)
         if ext is None:
             return ()
         data = ext.data
@@ -297,7 +379,7 @@ class ClientHello(_HelloBase):
 
         :raises DecodeError: for a malformed extension.
         """
-        ext = self._by_type.get(EXT_SUPPORTED_VERSIONS)
+        ext = self.get(EXT_SUPPORTED_VERSIONS)
         if ext is None:
             return None
         data = ext.data
@@ -356,11 +438,11 @@ class ServerHello(_HelloBase):
         self.cipher_suite = (body[pos] << 8) | body[pos + 1]
         pos += 3  # cipher_suite and legacy_compression_method
         if pos == end:
-            self._index(())
+            self._no_extensions()
             return self
         if pos + 2 > end or pos + 2 + ((body[pos] << 8) | body[pos + 1]) != end:
             raise DecodeError("bad ServerHello extensions length")
-        self._index(_parse_extensions(body, pos + 2, end))
+        self._index(body, pos + 2, end)
         return self
 
     @property

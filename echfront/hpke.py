@@ -1,26 +1,41 @@
 # -*- test-case-name: tests.test_hpke -*-
-"""HPKE recipients for ECH (RFC 9180 mode_base, as RFC 9849 §7.1 uses it).
+"""HPKE recipients for ECH: RFC 9180 mode_base, as RFC 9849 §7.1 uses it.
 
-This is the only module that talks to the HPKE library (pyhpke).  The
-decoder sees :class:`RecipientKey` and :class:`RecipientContext`: set up a
-context from ``enc`` and ``info`` (SetupBaseR), then open one ciphertext per
-ClientHello on it.  The context keeps its sequence number, so the second
-ClientHello after a HelloRetryRequest is opened at sequence 1 on the same
-context (RFC 9849 §7.1.1).
+The decoder sees :class:`RecipientKey` and :class:`RecipientContext`: set up
+a context from ``enc`` and ``info`` (SetupBaseR, RFC 9180 §5.1.1), then open
+one ciphertext per ClientHello on it.  The context keeps its sequence
+number, so the second ClientHello after a HelloRetryRequest opens at
+sequence 1 on the same context (RFC 9849 §7.1.1).
 
-Every failure, whatever the library raised for it (an ``enc`` of the wrong
-length or a low-order point, an authentication failure, an export-only
-AEAD), becomes :class:`HPKEError`: for ECH they all mean "this candidate key
-did not work".
+Why this is written here rather than delegated to pyhpke: an attacker can
+make the front run SetupBaseR once per ClientHello, so its cost matters.
+pyhpke builds several key, KDF and HMAC objects and recomputes per-key
+values on every call, which made HPKE alone 2-3x the X25519 exchange it
+must do (benchmarks/bench_decoder.py measures both).  Here everything that
+depends only on the key or the suite (pkR, psk_id_hash, info_hash, label
+prefixes) is computed once, and HMAC is the C ``hmac.digest``.  The only
+per-call work is the KEM's Diffie-Hellman and five HMACs.  Correctness is
+pinned by the RFC 9180 test vectors and by cross-checks against pyhpke,
+an independent implementation, in tests/test_hpke.py.
+
+A KEM is a small object with ``kem_id``, ``enc_length`` and ``decap``; the
+key schedule and AEAD are shared by every KEM, so there is one HPKE code
+path however many KEMs are added.  Every failure, whatever the primitive
+raised (an ``enc`` of the wrong length, a low-order point, an
+authentication failure), becomes :class:`HPKEError`: for ECH they all mean
+"this candidate key did not work".
 """
 
 from __future__ import annotations
 
-from functools import cache
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
-import pyhpke
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from echfront.echconfig import (
     AEAD_AES_128_GCM,
@@ -41,10 +56,22 @@ __all__ = [
     "RecipientKey",
 ]
 
+KDF_HKDF_SHA384 = 0x0002
+KDF_HKDF_SHA512 = 0x0003
+
+_KDF_HASHES = {KDF_HKDF_SHA256: "sha256", KDF_HKDF_SHA384: "sha384", KDF_HKDF_SHA512: "sha512"}
+_AEADS: dict[int, tuple[Callable[[bytes], AESGCM | ChaCha20Poly1305], int]] = {
+    # aead_id: (constructor, Nk); Nn is 12 and Nt 16 for all three.
+    AEAD_AES_128_GCM: (AESGCM, 16),
+    AEAD_AES_256_GCM: (AESGCM, 32),
+    AEAD_CHACHA20_POLY1305: (ChaCha20Poly1305, 32),
+}
+_NONCE_LENGTH = 12
+
 SUPPORTED_KEMS = frozenset((KEM_X25519_HKDF_SHA256,))
-SUPPORTED_KDFS = frozenset((KDF_HKDF_SHA256, 0x0002, 0x0003))
+SUPPORTED_KDFS = frozenset(_KDF_HASHES)
 #: Export-only (0xFFFF) is deliberately absent: it cannot open (checklist CFG-8).
-SUPPORTED_AEADS = frozenset((AEAD_AES_128_GCM, AEAD_AES_256_GCM, AEAD_CHACHA20_POLY1305))
+SUPPORTED_AEADS = frozenset(_AEADS)
 
 #: What a new key offers: the mandatory suite first (RFC 9849 §9), then the
 #: others Chrome and Go use.
@@ -54,56 +81,147 @@ DEFAULT_SUITES = (
     SymmetricSuite(KDF_HKDF_SHA256, AEAD_CHACHA20_POLY1305),
 )
 
+_HPKE_V1 = b"HPKE-v1"
+
 
 class HPKEError(Exception):
     """SetupBaseR or Open failed; for ECH this candidate key did not work."""
 
 
-@cache
-def _cipher_suite(kem_id: int, kdf_id: int, aead_id: int) -> pyhpke.CipherSuite:
-    """Return the (cached) pyhpke suite; raises HPKEError if unsupported."""
-    if (
-        kem_id not in SUPPORTED_KEMS
-        or kdf_id not in SUPPORTED_KDFS
-        or aead_id not in SUPPORTED_AEADS
-    ):
-        raise HPKEError(f"unsupported HPKE suite 0x{kem_id:04x}/0x{kdf_id:04x}/0x{aead_id:04x}")
-    return pyhpke.CipherSuite.new(
-        pyhpke.KEMId(kem_id), pyhpke.KDFId(kdf_id), pyhpke.AEADId(aead_id)
-    )
+def _extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
+    """HKDF-Extract (RFC 5869 §2.2); an empty salt means Nh zero bytes."""
+    return hmac.digest(salt, ikm, hash_name)  # HMAC pads a short key with zeros
+
+
+def _expand_one_block(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-Expand (RFC 5869 §2.3) for length <= Nh: one HMAC block."""
+    return hmac.digest(prk, info + b"\x01", hash_name)[:length]
+
+
+# -- KEMs ----------------------------------------------------------------------
+
+
+class _KEM(Protocol):
+    """What the key schedule needs of a KEM (RFC 9180 §4)."""
+
+    kem_id: int
+
+    def decap(self, enc: bytes, private: object) -> bytes:
+        """Return the shared secret; raise ValueError for a bad ``enc``."""
+        ...
+
+
+@dataclass(frozen=True)
+class _X25519Private:
+    """An X25519 recipient key with its serialised public key (pkRm), kept."""
+
+    key: X25519PrivateKey
+    public: bytes
+
+
+class _DHKEMX25519:
+    """DHKEM(X25519, HKDF-SHA256) Decap (RFC 9180 §4.1, §7.1.3)."""
+
+    kem_id = KEM_X25519_HKDF_SHA256
+    #: The KEM's own labels use suite_id = "KEM" || I2OSP(kem_id, 2).
+    _SUITE = b"KEM" + KEM_X25519_HKDF_SHA256.to_bytes(2, "big")
+    _EAE_PRK = _HPKE_V1 + _SUITE + b"eae_prk"
+    #: I2OSP(Nsecret = 32, 2) || "HPKE-v1" || suite_id || "shared_secret"
+    _SHARED_SECRET = b"\x00\x20" + _HPKE_V1 + _SUITE + b"shared_secret"
+
+    def decap(self, enc: bytes, private: object) -> bytes:
+        """Decap(enc, skR): DH, then ExtractAndExpand(dh, enc || pkRm)."""
+        assert isinstance(private, _X25519Private)
+        # from_public_bytes refuses a wrong length; exchange refuses the
+        # all-zero result of a low-order point (RFC 9180 §7.1.4).
+        dh = private.key.exchange(X25519PublicKey.from_public_bytes(enc))
+        eae_prk = _extract("sha256", b"", self._EAE_PRK + dh)
+        return _expand_one_block("sha256", eae_prk, self._SHARED_SECRET + enc + private.public, 32)
+
+
+_KEMS: dict[int, _KEM] = {KEM_X25519_HKDF_SHA256: _DHKEMX25519()}
+
+
+# -- key schedule ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Suite:
+    """Constants of one (KEM, KDF, AEAD) combination (RFC 9180 §5.1)."""
+
+    hash_name: str
+    aead: Callable[[bytes], AESGCM | ChaCha20Poly1305]
+    key_length: int
+    suite_id: bytes
+    psk_id_hash: bytes
+    secret_label: bytes
+    key_label: bytes
+    nonce_label: bytes
+
+    @classmethod
+    def build(cls, kem_id: int, kdf_id: int, aead_id: int) -> _Suite:
+        hash_name = _KDF_HASHES[kdf_id]
+        aead, key_length = _AEADS[aead_id]
+        suite_id = b"HPKE" + b"".join(i.to_bytes(2, "big") for i in (kem_id, kdf_id, aead_id))
+        prefix = _HPKE_V1 + suite_id
+        return cls(
+            hash_name=hash_name,
+            aead=aead,
+            key_length=key_length,
+            suite_id=suite_id,
+            # mode_base: psk_id = "", so psk_id_hash is a constant of the suite.
+            psk_id_hash=_extract(hash_name, b"", prefix + b"psk_id_hash"),
+            secret_label=prefix + b"secret",
+            key_label=key_length.to_bytes(2, "big") + prefix + b"key",
+            nonce_label=_NONCE_LENGTH.to_bytes(2, "big") + prefix + b"base_nonce",
+        )
+
+    def info_hash(self, info: bytes) -> bytes:
+        """LabeledExtract("", "info_hash", info)."""
+        return _extract(self.hash_name, b"", _HPKE_V1 + self.suite_id + b"info_hash" + info)
+
+
+_SUITES: dict[tuple[int, int, int], _Suite] = {
+    (kem, kdf, aead): _Suite.build(kem, kdf, aead)
+    for kem in SUPPORTED_KEMS
+    for kdf in SUPPORTED_KDFS
+    for aead in SUPPORTED_AEADS
+}
 
 
 class RecipientContext:
     """A receiver context (RFC 9180 §5.2) that opens ciphertexts in sequence."""
 
-    __slots__ = ("_context",)
+    __slots__ = ("_aead", "_base_nonce", "_seq")
 
-    def __init__(self, context: pyhpke.ContextInterface) -> None:
-        """Wrap a library context."""
-        self._context = context
+    def __init__(self, aead: AESGCM | ChaCha20Poly1305, base_nonce: bytes) -> None:
+        """Start at sequence number 0."""
+        self._aead = aead
+        self._base_nonce = int.from_bytes(base_nonce, "big")
+        self._seq = 0
 
     def open(self, aad: bytes, ciphertext: bytes) -> bytes:
-        """Open the next ciphertext (RFC 9180 §5.2 ContextR.Open).
-
-        A failed open also consumes a sequence number (a pyhpke quirk);
-        ECH never retries on the same context, so that is harmless.
+        """ContextR.Open (RFC 9180 §5.2): the sequence advances only on success.
 
         :raises HPKEError: if authentication fails.
         """
+        nonce = (self._base_nonce ^ self._seq).to_bytes(_NONCE_LENGTH, "big")
         try:
-            return bytes(self._context.open(ciphertext, aad=aad))
-        except Exception as error:  # pyhpke raises OpenError, NotSupportedError, ...
-            raise HPKEError("HPKE open failed") from error
+            plaintext = self._aead.decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            raise HPKEError("HPKE open failed") from None
+        self._seq += 1
+        return plaintext
 
 
 class RecipientKey:
     """An HPKE private key, ready for SetupBaseR under any supported suite.
 
     :ivar kem_id: the HPKE KEM identifier.
-    :ivar public_key: the KEM-encoded public key (what an ECHConfig carries).
+    :ivar public_key: the serialised public key (what an ECHConfig carries).
     """
 
-    __slots__ = ("_kem_key", "_private_bytes", "kem_id", "public_key")
+    __slots__ = ("_info_hashes", "_kem", "_private", "_private_bytes", "kem_id", "public_key")
 
     def __init__(self, kem_id: int, private_bytes: bytes) -> None:
         """Load a raw private key of ``kem_id`` (32 bytes for X25519).
@@ -114,19 +232,20 @@ class RecipientKey:
             raise ValueError(f"unsupported KEM 0x{kem_id:04x}")
         if len(private_bytes) != 32:
             raise ValueError("an X25519 private key is 32 bytes")
-        private = X25519PrivateKey.from_private_bytes(private_bytes)
+        key = X25519PrivateKey.from_private_bytes(private_bytes)
         self.kem_id = kem_id
+        self.public_key = key.public_key().public_bytes_raw()
+        self._kem = _KEMS[kem_id]
+        self._private = _X25519Private(key, self.public_key)
         self._private_bytes = bytes(private_bytes)
-        self.public_key = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        self._kem_key = pyhpke.KEMKey.from_pyca_cryptography_key(private)
+        self._info_hashes: dict[tuple[int, int, bytes], bytes] = {}
 
     @classmethod
     def generate(cls, kem_id: int = KEM_X25519_HKDF_SHA256) -> RecipientKey:
         """Generate a new key pair for ``kem_id``."""
         if kem_id != KEM_X25519_HKDF_SHA256:
             raise ValueError(f"unsupported KEM 0x{kem_id:04x}")
-        private = X25519PrivateKey.generate()
-        return cls(kem_id, private.private_bytes_raw())
+        return cls(kem_id, X25519PrivateKey.generate().private_bytes_raw())
 
     @property
     def private_bytes(self) -> bytes:
@@ -139,12 +258,29 @@ class RecipientKey:
         :raises HPKEError: for an unsupported suite or an invalid ``enc``
             (wrong length, low-order point: RFC 9180 §7.1.4).
         """
-        suite = _cipher_suite(self.kem_id, kdf_id, aead_id)
+        suite = _SUITES.get((self.kem_id, kdf_id, aead_id))
+        if suite is None:
+            raise HPKEError(f"unsupported HPKE suite 0x{kdf_id:04x}/0x{aead_id:04x}")
         try:
-            context = suite.create_recipient_context(enc, self._kem_key, info=info)
-        except Exception as error:  # ValueError for enc, pyhpke errors otherwise
-            raise HPKEError("HPKE setup failed") from error
-        return RecipientContext(context)
+            shared_secret = self._kem.decap(enc, self._private)
+        except ValueError as error:  # wrong length, low-order point
+            raise HPKEError("HPKE decapsulation failed") from error
+        # info is "tls ech" || 0 || ECHConfig: a constant per key and suite.
+        cache_key = (kdf_id, aead_id, info)
+        info_hash = self._info_hashes.get(cache_key)
+        if info_hash is None:
+            if len(self._info_hashes) >= 64:  # bounded, whatever callers pass
+                self._info_hashes.clear()
+            info_hash = self._info_hashes[cache_key] = suite.info_hash(info)
+        context = b"\x00" + suite.psk_id_hash + info_hash  # mode_base
+        secret = _extract(suite.hash_name, shared_secret, suite.secret_label)
+        key = _expand_one_block(
+            suite.hash_name, secret, suite.key_label + context, suite.key_length
+        )
+        nonce = _expand_one_block(
+            suite.hash_name, secret, suite.nonce_label + context, _NONCE_LENGTH
+        )
+        return RecipientContext(suite.aead(key), nonce)
 
     def __repr__(self) -> str:
         """Never show the private key."""

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
-from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair, PrivateCertificate
+from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
@@ -85,20 +85,35 @@ def load_certificate_options(
         raise ConfigError(f"{cert_path}: unreadable certificate ({error})") from None
     if certificate.getPublicKey().keyHash() != key.keyHash():
         raise ConfigError(f"{cert_path}: the private key does not match the certificate")
-    leaf = PrivateCertificate.fromCertificateAndKeyPair(certificate, key)
+    # CertificateOptions hands these straight to pyOpenSSL, which wants
+    # cryptography objects (its own X509/PKey types are deprecated).
     return CertificateOptions(
-        privateKey=leaf.privateKey.original,
-        certificate=leaf.original,
-        extraCertChain=[c.original for c in extra],
+        privateKey=key.original.to_cryptography_key(),
+        certificate=certificate.original.to_cryptography(),
+        extraCertChain=[c.original.to_cryptography() for c in extra],
         acceptableProtocols=[p.encode() for p in alpn] or None,
     )
+
+
+class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
+    """A TLS server factory whose protocol writes through at once.
+
+    Since Twisted 23.10 the default protocol (``BufferingTLSTransport``)
+    holds small writes until the next reactor turn.  When a client's last
+    data and its close_notify arrive in one read, the application answers
+    within that read, TLS then shuts down, and the held answer is dropped
+    silently (tests.test_interop_front exercises exactly this).  Writing
+    through costs one more TLS record per small write, which is harmless.
+    """
+
+    protocol = TLSMemoryBIOProtocol
 
 
 def local_target(
     name: str, options: CertificateOptions, app_factory: IProtocolFactory, clock: IReactorTime
 ) -> Local:
     """A :class:`~echfront.routing.Local` target terminating TLS with ``options``."""
-    return Local(name, TLSMemoryBIOFactory(options, False, app_factory, clock=clock))
+    return Local(name, _UnbufferedTLSFactory(options, False, app_factory, clock=clock))
 
 
 class LocalHandoff:

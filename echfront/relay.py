@@ -97,6 +97,19 @@ class _BackendFactory(Factory):
         return _BackendProtocol(self.relay)
 
 
+def _timed_out(result: object, timeout: float) -> object:
+    """Report a connect the timeout cancelled as a timeout, whatever the endpoint said.
+
+    Endpoints fail a cancelled connect with their own errors (TCP endpoints
+    with ConnectingCancelledError, which Deferred.addTimeout's default does
+    not translate).  A connection that completed in the same instant is
+    dropped: the client has already been refused.
+    """
+    if isinstance(result, _BackendProtocol):
+        result.transport.abortConnection()
+    raise TimeoutError(timeout, "backend connect")
+
+
 def _half_close(transport: StreamTransport) -> None:
     """Send FIN if the transport can; otherwise wait for the full close."""
     if IHalfCloseableDescriptor.providedBy(transport):
@@ -139,7 +152,7 @@ class Relay:
         d: Deferred[_BackendProtocol] = self.backend.endpoint.connect(  # type: ignore[assignment]
             _BackendFactory(self)
         )
-        d.addTimeout(self.backend.connect_timeout, self.clock)
+        d.addTimeout(self.backend.connect_timeout, self.clock, onTimeoutCancel=_timed_out)
         self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
@@ -190,7 +203,7 @@ class Relay:
         client.registerProducer(backend, True)
         backend.registerProducer(client, True)
         if self._client_eof:
-            _half_close(backend)
+            self._forward_client_eof()
         client.resumeProducing()
 
     # -- inspection -------------------------------------------------------
@@ -291,14 +304,17 @@ class Relay:
     def client_eof(self) -> None:
         """The client sent FIN: pass it on, keep the other direction open."""
         self._client_eof = True
-        peer = self._peer
-        if peer is not None:
-            if self._splitter is not None:
-                # A partial record can never complete now; the backend may
-                # as well see exactly what the client sent.
-                peer.transport.write(self._splitter.pending())
-            _half_close(peer.transport)
+        if self._peer is not None:
+            self._forward_client_eof()
         self._maybe_finish()
+
+    def _forward_client_eof(self) -> None:
+        assert self._peer is not None
+        if self._splitter is not None:
+            # A partial record can never complete now; the backend may as
+            # well see exactly what the client sent, before the FIN.
+            self._peer.transport.write(self._splitter.pending())
+        _half_close(self._peer.transport)
 
     def backend_eof(self) -> None:
         """The backend sent FIN: pass it on."""

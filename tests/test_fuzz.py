@@ -463,9 +463,14 @@ def test_decoder_resealed_mutated_inner(encoded: bytes) -> None:
 @given(mutated_inners)
 def test_rebuild_inner_arbitrary(encoded: bytes) -> None:
     try:
-        message = rebuild_inner(KAT_OUTER, encoded)
+        message, hello = rebuild_inner(KAT_OUTER, encoded)
     except AlertError:
         return
+    # The index built during the rebuild is the one a fresh parse finds.
+    reparsed = ClientHello.parse(message[4:])
+    assert hello.extension_types == reparsed.extension_types
+    assert hello.extension_bounds == reparsed.extension_bounds
+    assert hello.extensions == reparsed.extensions
     assert message[0] == 1
     assert int.from_bytes(message[1:4], "big") == len(message) - 4
     assert message[4 + 35 : 4 + 35 + 32] == KAT_OUTER.session_id

@@ -1,0 +1,139 @@
+"""Decoder cost: reassemble, parse and decrypt a Chrome-shaped ClientHello.
+
+Prints median microseconds per operation next to one X25519 exchange
+measured in the same run (the floor: every ECH attempt costs one), and the
+ratio.  The machine is shared and noisy: every round times each operation
+once, one after the other, so a slow moment hits all of them alike, and the
+ratio reported is the median of the per-round ratios.
+
+Usage: ``python benchmarks/bench_decoder.py [--repeats N] [--json FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from echfront.decoder import ClientHelloInfo, ECHDecoder, parse_outer_ech, rebuild_inner
+from echfront.echconfig import ECHConfig
+from echfront.hello import EXT_ECH, ClientHello
+from echfront.hpke import RecipientKey
+from echfront.keys import ECHKey, KeySet
+from echfront.records import HandshakeReader
+
+VECTOR = Path(__file__).parent / "vectors" / "chrome136-hello.json"
+
+
+def per_call_us(func: Callable[[], object], batch: int) -> float:
+    """Mean time of one call over a batch, in microseconds."""
+    start = time.perf_counter()
+    for _ in range(batch):
+        func()
+    return (time.perf_counter() - start) / batch * 1e6
+
+
+def interleaved(
+    cases: list[tuple[str, Callable[[], object]]], repeats: int, batch: int
+) -> dict[str, list[float]]:
+    """Per-call microseconds of every case, one batch of each per round."""
+    samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for _ in range(repeats):
+        for name, func in cases:
+            samples[name].append(per_call_us(func, batch))
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=31)
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    vector = json.loads(VECTOR.read_text())
+    config = ECHConfig.decode(bytes.fromhex(vector["echconfig"]))
+    key = ECHKey(config, RecipientKey(config.kem_id, bytes.fromhex(vector["sk"])))
+    decoder = ECHDecoder(KeySet([key]))
+    record = bytes.fromhex(vector["record"])
+    # A realistic arrival: the record in two TCP reads.
+    first, second = record[:1000], record[1000:]
+
+    def full() -> ClientHelloInfo:
+        reader = HandshakeReader(1)
+        reader.feed(first)
+        flight = reader.feed(second)
+        assert flight is not None
+        return decoder.decode(flight)
+
+    info = full()
+    assert info.server_name == vector["inner_server_name"]
+
+    flight = HandshakeReader(1).feed(record)
+    assert flight is not None
+    outer = ClientHello.from_message(flight.message)
+    ech_ext = outer.get(EXT_ECH)
+    assert ech_ext is not None
+    ech = parse_outer_ech(ech_ext)
+    recipient = key.recipient
+    assert recipient is not None
+    aad = ech.aad(outer.body)
+    encoded = recipient.setup(ech.kdf_id, ech.aead_id, ech.enc, key.info).open(aad, ech.payload)
+
+    peer = X25519PrivateKey.generate().public_key()
+    local = X25519PrivateKey.generate()
+
+    def reassemble() -> object:
+        reader = HandshakeReader(1)
+        reader.feed(first)
+        return reader.feed(second)
+
+    def hpke() -> object:
+        context = recipient.setup(ech.kdf_id, ech.aead_id, ech.enc, key.info)
+        return context.open(aad, ech.payload)
+
+    def rebuild() -> object:
+        return rebuild_inner(outer, encoded)
+
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("x25519 exchange (reference)", lambda: local.exchange(peer)),
+        ("reassemble (2 reads)", reassemble),
+        ("parse outer ClientHello", lambda: ClientHello.from_message(flight.message)),
+        ("HPKE SetupBaseR + Open", hpke),
+        ("rebuild + parse inner", rebuild),
+        ("full: reassemble + decode", full),
+    ]
+    samples = interleaved(cases, args.repeats, args.batch)
+    reference = samples["x25519 exchange (reference)"]
+    results = {name: statistics.median(values) for name, values in samples.items()}
+    ratios = {
+        name: statistics.median(v / r for v, r in zip(values, reference, strict=True))
+        for name, values in samples.items()
+    }
+    print(f"ClientHello record: {len(record)} bytes; inner message {len(info.forward) - 5} bytes")
+    print(f"{args.repeats} rounds of {args.batch} calls each; ratio = median of per-round ratios")
+    print(f"{'operation':32} {'median µs':>10} {'x X25519':>9}")
+    for name in samples:
+        print(f"{name:32} {results[name]:10.1f} {ratios[name]:9.2f}")
+    ratio = ratios["full: reassemble + decode"]
+    spread = sorted(
+        v / r for v, r in zip(samples["full: reassemble + decode"], reference, strict=True)
+    )
+    print(
+        f"target: full <= 3.5 x X25519; measured {ratio:.2f}x "
+        f"(rounds: min {spread[0]:.2f}, max {spread[-1]:.2f})"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"median_us": results, "ratio_to_x25519": ratios}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,573 @@
+# Trial's assertions are untyped, and calls through a subclass escape
+# the project's untyped_calls_exclude = ["twisted"]:
+# mypy: disable-error-code="no-untyped-call"
+"""Relaying to a backend (echfront.relay), in memory.
+
+The front is a real :class:`~echfront.front.FrontProtocol`; the backend is
+a :class:`~tests.twistedhelpers.RecordingServer` listening on a
+``MemoryReactorClock`` and reached through ``TCP4ClientEndpoint``.  The
+tests check the bytes each side receives, exactly: the rewritten first
+flight, whole-record forwarding before the ServerHello, the
+HelloRetryRequest path with a second ClientHello sealed by
+:mod:`tests.echhello` (RFC 9849 §7.1.1, checklist §1.H), the fast path
+(twisted-design.md §B), producers, half-close, connect failures and the
+PROXY protocol v2 header.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IAddress
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test.iosim import ConnectionCompleter, IOPump
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from echfront.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.front import FrontFactory, FrontProtocol, FrontSettings, FrontState
+from echfront.interfaces import IRouter
+from echfront.keys import KeySet, generate_key
+from echfront.records import CONTENT_HANDSHAKE, frame_records
+from echfront.routing import Backend, Route
+from tests.echhello import (
+    EXT_GROUPS,
+    EXT_KEY_SHARE,
+    EXT_SIGALGS,
+    EXT_SNI,
+    InnerSpec,
+    SealedHello,
+    grease_extension,
+    seal_hello,
+    sni,
+)
+from tests.twistedhelpers import (
+    CCS,
+    CLIENT_ADDRESS,
+    EARLY_DATA,
+    FRONT_ADDRESS,
+    Network,
+    Pipe,
+    RecordingFactory,
+    RecordingServer,
+    alert,
+    plain_hello,
+    server_hello,
+    wrapped,
+)
+
+PUBLIC_NAME = "public.example"
+SECRET_NAME = "secret.example.org"
+KEY = generate_key(PUBLIC_NAME, config_id=0x42, maximum_name_length=32)
+BACKEND_PORT = 4433
+APP_DATA = b"\x17\x03\x03\x00\x0aearly-data"
+SERVER_CCS = bytes.fromhex("140303000101")
+
+
+def inner_records(sealed: SealedHello, version: int = 0x0301) -> bytes:
+    """What the front must forward for ``sealed``: its inner hello, re-framed."""
+    return frame_records(CONTENT_HANDSHAKE, version, sealed.inner_message)
+
+
+@implementer(IRouter)
+class FixedRouter:
+    def __init__(self, target: Route) -> None:
+        self.target = target
+
+    def route(self, hello: ClientHelloInfo, peer: IAddress) -> Route:
+        return self.target
+
+
+class RelayTestCase(SynchronousTestCase):
+    """A front routing everything to one backend on a memory reactor."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.net = Network(self.clock)
+        self.backends = RecordingFactory()
+        TCP4ServerEndpoint(self.clock, BACKEND_PORT).listen(self.backends)
+        self.use_backend(Backend("be", TCP4ClientEndpoint(self.clock, "127.0.0.1", BACKEND_PORT)))
+
+    def use_backend(self, backend: Backend, settings: FrontSettings | None = None) -> None:
+        self.backend = backend
+        state = FrontState(
+            ECHDecoder(KeySet([KEY])),
+            FixedRouter(backend),
+            frozenset({backend}),
+            settings or FrontSettings(),
+        )
+        self.factory = FrontFactory(state, self.clock)
+
+    def open(self, first: bytes) -> tuple[Pipe, FrontProtocol, RecordingServer]:
+        """Accept a client and deliver ``first`` to the front."""
+        front = self.factory.buildProtocol(CLIENT_ADDRESS)
+        client = RecordingServer()
+        pipe = self.net.connect(client, front)
+        pipe.client.write(first)
+        self.net.flush()
+        return pipe, front, client
+
+    def relay_to(
+        self, first: bytes
+    ) -> tuple[Pipe, FrontProtocol, RecordingServer, Pipe, RecordingServer]:
+        """Open a client connection and complete its backend connection.
+
+        :returns: client pipe, front, client, backend pipe, backend.
+        """
+        pipe, front, client = self.open(first)
+        self.assertEqual(len(self.clock.tcpClients), 1)
+        backend_pipe, _relay_side, _server = self.net.complete_backend(self.clock)
+        self.net.flush()
+        backend = self.backends.built[-1]
+        return pipe, front, client, backend_pipe, backend
+
+    def assert_fast_path(self, front: FrontProtocol, pipe: Pipe, backend_pipe: Pipe) -> None:
+        """Both directions are bound straight to the other transport's write."""
+        relay_side = wrapped(backend_pipe.client.protocol)
+        self.assertEqual(front.dataReceived, backend_pipe.client.write)
+        self.assertEqual(relay_side.dataReceived, pipe.server.write)
+
+    def assert_not_fast_path(self, front: FrontProtocol, backend_pipe: Pipe) -> None:
+        self.assertNotEqual(front.dataReceived, backend_pipe.client.write)
+
+
+class ForwardingTests(RelayTestCase):
+    def test_accepted_forwards_inner_records_then_rest(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        _pipe, front, client, _bp, backend = self.relay_to(sealed.records + CCS + APP_DATA)
+        assert front.info is not None
+        self.assertIs(front.info.status, ECHStatus.ACCEPTED)
+        self.assertEqual(front.info.forward, inner_records(sealed))
+        self.assertEqual(bytes(backend.data), inner_records(sealed) + CCS + APP_DATA)
+        self.assertEqual(bytes(backend.data[:3]), b"\x16\x03\x01")
+        self.assertEqual(bytes(client.data), b"")
+
+    def test_accepted_keeps_the_client_record_version(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec(), record_version=0x0303)
+        *_, backend = self.relay_to(sealed.records)
+        self.assertEqual(bytes(backend.data), inner_records(sealed, 0x0303))
+
+    def test_producers_registered_both_ways(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        pipe, _front, _client, backend_pipe, _backend = self.relay_to(sealed.records)
+        self.assertIs(pipe.server.producer, backend_pipe.client)
+        self.assertIs(pipe.server.streaming, True)
+        self.assertIs(backend_pipe.client.producer, pipe.server)
+        self.assertIs(backend_pipe.client.streaming, True)
+        # Paused from the ClientHello until the backend is there.
+        self.assertEqual(
+            pipe.server.calls, ["pauseProducing", "registerProducer", "resumeProducing"]
+        )
+        self.assertFalse(pipe.server.paused)
+
+    def test_client_bytes_while_connecting_are_forwarded_in_order(self) -> None:
+        records = plain_hello()
+        pipe, _front, _client = self.open(records + EARLY_DATA[:3])
+        pipe.client.write(EARLY_DATA[3:] + APP_DATA)
+        self.net.flush()
+        self.net.complete_backend(self.clock)
+        self.net.flush()
+        self.assertEqual(bytes(self.backends.built[0].data), records + EARLY_DATA + APP_DATA)
+
+    def test_only_whole_records_before_the_server_hello(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        pipe, front, client, backend_pipe, backend = self.relay_to(
+            sealed.records + APP_DATA + EARLY_DATA[:3]
+        )
+        self.assertEqual(bytes(backend.data), inner_records(sealed) + APP_DATA)
+        pipe.client.write(EARLY_DATA[3:6])
+        self.net.flush()
+        self.assertEqual(bytes(backend.data), inner_records(sealed) + APP_DATA)
+        self.assert_not_fast_path(front, backend_pipe)
+
+        # The ServerHello ends inspection: the held partial record goes out
+        # and both directions take the fast path.
+        hello = server_hello()
+        backend.send(hello + SERVER_CCS)
+        self.net.flush()
+        self.assertEqual(bytes(client.data), hello + SERVER_CCS)
+        self.assertEqual(bytes(backend.data), inner_records(sealed) + APP_DATA + EARLY_DATA[:6])
+        self.assert_fast_path(front, pipe, backend_pipe)
+
+        pipe.client.write(EARLY_DATA[6:] + b"\x17\x03\x03")
+        backend.send(b"\x17\x03\x03\x00\x02hi")
+        self.net.flush()
+        self.assertEqual(
+            bytes(backend.data), inner_records(sealed) + APP_DATA + EARLY_DATA + b"\x17\x03\x03"
+        )
+        self.assertEqual(bytes(client.data), hello + SERVER_CCS + b"\x17\x03\x03\x00\x02hi")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_server_hello_in_small_reads(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        pipe, front, client, backend_pipe, backend = self.relay_to(sealed.records)
+        backend_pipe.client.read_size = 3
+        hello = server_hello()
+        backend.send(hello)
+        self.net.flush()
+        self.assertEqual(bytes(client.data), hello)
+        self.assert_fast_path(front, pipe, backend_pipe)
+
+    def test_grease_goes_straight_to_the_fast_path(self) -> None:
+        grease = seal_hello(KEY.config, InnerSpec(), ech_extension=grease_extension())
+        pipe, front, client = self.open(grease.records + CCS)
+        assert front.info is not None
+        self.assertIs(front.info.status, ECHStatus.REJECTED)
+        self.assertIsNone(front.info.second_hello)
+        completed = ConnectionCompleter(self.clock).succeedOnce()
+        assert isinstance(completed, IOPump)
+        self.net.pumps.append(completed)
+        self.net.flush()
+        backend = self.backends.built[0]
+        relay_side = wrapped(completed.client)
+        self.assertEqual(front.dataReceived, completed.clientIO.write)
+        self.assertEqual(relay_side.dataReceived, pipe.server.write)
+        self.assertIs(pipe.server.producer, completed.clientIO)
+        self.assertIs(completed.clientIO.producer, pipe.server)
+        self.assertEqual(bytes(backend.data), grease.records + CCS)
+
+        # No second-hello inspection: an HRR and anything after it pass as is.
+        backend.send(server_hello(retry=True))
+        self.net.flush()
+        pipe.client.write(b"\x16\x03\x03\x00\x01")  # would be refused by an inspector
+        self.net.flush()
+        self.assertEqual(bytes(client.data), server_hello(retry=True))
+        self.assertEqual(bytes(backend.data), grease.records + CCS + b"\x16\x03\x03\x00\x01")
+        self.assertFalse(pipe.server.disconnecting)
+
+    def test_backend_alert_instead_of_a_server_hello_passes(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        pipe, front, client, backend_pipe, backend = self.relay_to(sealed.records)
+        backend.send(alert(40))
+        self.net.flush()
+        self.assertEqual(bytes(client.data), alert(40))
+        self.assert_fast_path(front, pipe, backend_pipe)
+
+    def test_plain_hello_goes_straight_to_the_fast_path(self) -> None:
+        records = plain_hello()
+        pipe, front, _client, backend_pipe, backend = self.relay_to(records)
+        self.assert_fast_path(front, pipe, backend_pipe)
+        self.assertEqual(bytes(backend.data), records)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HelloRetryTests(RelayTestCase):
+    """HRR handling (RFC 9849 §7.1.1; checklist HRR-1, -3, -6, -9)."""
+
+    def start(
+        self,
+    ) -> tuple[SealedHello, Pipe, FrontProtocol, RecordingServer, Pipe, RecordingServer]:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        pipe, front, client, backend_pipe, backend = self.relay_to(sealed.records)
+        backend.send(server_hello(retry=True) + SERVER_CCS)
+        self.net.flush()
+        self.assertEqual(bytes(client.data), server_hello(retry=True) + SERVER_CCS)
+        self.assert_not_fast_path(front, backend_pipe)
+        # The backend direction needs no more inspection after an HRR.
+        self.assertEqual(
+            wrapped(backend_pipe.client.protocol).dataReceived,
+            pipe.server.write,
+        )
+        pipe.server.read_size = 5
+        return sealed, pipe, front, client, backend_pipe, backend
+
+    def test_second_hello_rewritten_after_ccs_and_early_data(self) -> None:
+        sealed, pipe, front, client, backend_pipe, backend = self.start()
+        second = sealed.second()
+        self.assertEqual(second.enc, b"")
+        first_read = len(pipe.server.reads)
+        after = b"\x17\x03\x03\x00\x03abc"
+        pipe.client.write(CCS + APP_DATA + second.records + after)
+        self.net.flush()
+
+        self.assertEqual(set(pipe.server.reads[first_read:-1]), {5})
+        self.assertEqual(
+            bytes(backend.data),
+            inner_records(sealed) + CCS + APP_DATA + inner_records(second, 0x0303) + after,
+        )
+        self.assert_fast_path(front, pipe, backend_pipe)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+        hello = server_hello()
+        backend.send(hello)
+        pipe.client.write(b"\x17\x03\x03\x00\x01Z")
+        self.net.flush()
+        self.assertEqual(bytes(client.data), server_hello(retry=True) + SERVER_CCS + hello)
+        self.assertTrue(bytes(backend.data).endswith(b"\x17\x03\x03\x00\x01Z"))
+
+    def test_ccs_and_early_data_before_the_hrr_are_forwarded(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        second = sealed.second()
+        pipe, front, _client, backend_pipe, backend = self.relay_to(sealed.records + APP_DATA)
+        pipe.client.write(CCS[:2])  # a partial record is held back
+        self.net.flush()
+        self.assertEqual(bytes(backend.data), inner_records(sealed) + APP_DATA)
+        backend.send(server_hello(retry=True))
+        self.net.flush()
+        pipe.client.write(CCS[2:] + second.records)
+        self.net.flush()
+        self.assertEqual(
+            bytes(backend.data),
+            inner_records(sealed) + APP_DATA + CCS + inner_records(second, 0x0303),
+        )
+        self.assert_fast_path(front, pipe, backend_pipe)
+
+    def test_corrupted_second_hello_gets_decrypt_error(self) -> None:
+        sealed, pipe, _front, client, backend_pipe, backend = self.start()
+        second = sealed.second()
+        records = bytearray(second.records)
+        records[5 + 4 + second.payload_offset + 3] ^= 0x01
+        pipe.client.write(CCS)
+        self.net.flush()
+        pipe.client.write(bytes(records))
+        self.net.flush()
+
+        self.assertEqual(bytes(client.data), server_hello(retry=True) + SERVER_CCS + alert(51))
+        self.assertEqual(bytes(backend.data), inner_records(sealed) + CCS)
+        self.assertIn("abortConnection", backend_pipe.client.calls)
+        self.assertIn("loseConnection", pipe.server.calls)
+        self.assertEqual(backend.events, ["made", "lost"])
+        self.assertEqual(client.events, ["made", "lost"])
+        self.assertEqual(self.factory.open_connections, 0)
+
+    def test_second_hello_without_ech_gets_missing_extension(self) -> None:
+        sealed, pipe, _front, client, backend_pipe, backend = self.start()
+        # The same hello, minus the encrypted_client_hello extension.
+        second = sealed.second(
+            outer=[(EXT_SNI, sni(PUBLIC_NAME)), EXT_GROUPS, EXT_SIGALGS, EXT_KEY_SHARE]
+        )
+        pipe.client.write(second.records)
+        self.net.flush()
+        self.assertEqual(bytes(client.data), server_hello(retry=True) + SERVER_CCS + alert(109))
+        self.assertEqual(bytes(backend.data), inner_records(sealed))
+        self.assertTrue(backend_pipe.client.aborted)
+
+    def test_second_hello_with_fresh_enc_gets_illegal_parameter(self) -> None:
+        sealed, pipe, _front, client, _backend_pipe, backend = self.start()
+        fresh = seal_hello(KEY.config, InnerSpec(), record_version=0x0303)
+        pipe.client.write(fresh.records)
+        self.net.flush()
+        self.assertEqual(bytes(client.data)[-7:], alert(47))
+        self.assertEqual(bytes(backend.data), inner_records(sealed))
+
+    def test_second_hello_from_another_context_gets_decrypt_error(self) -> None:
+        # Right config_id, suite and empty enc, but sealed under a context
+        # the front never set up: it must not open at sequence 1 (HRR-6).
+        sealed, pipe, _front, client, _backend_pipe, backend = self.start()
+        stranger = seal_hello(KEY.config, InnerSpec(), enc=b"", record_version=0x0303)
+        pipe.client.write(stranger.records)
+        self.net.flush()
+        self.assertEqual(bytes(client.data)[-7:], alert(51))
+        self.assertEqual(bytes(backend.data), inner_records(sealed))
+
+
+class ConnectTests(RelayTestCase):
+    def test_connect_timeout_gets_internal_error(self) -> None:
+        self.use_backend(
+            Backend(
+                "slow",
+                TCP4ClientEndpoint(self.clock, "127.0.0.1", BACKEND_PORT),
+                connect_timeout=3,
+            )
+        )
+        _pipe, front, client = self.open(plain_hello())
+        connector = self.clock.connectors[0]
+        self.clock.advance(2.9)
+        self.net.flush()
+        self.assertEqual(bytes(client.data), b"")
+        self.clock.advance(0.1)
+        self.net.flush()
+        self.assertEqual(bytes(client.data), alert(80))
+        self.assertTrue(connector.stoppedConnecting)
+        self.assertEqual(client.events, ["made", "lost"])
+        self.assertEqual(front.record.close_reason, "backend connect timed out")
+        self.assertEqual(self.factory.open_connections, 0)
+
+    def test_connection_refused_gets_internal_error(self) -> None:
+        pipe, front, client = self.open(plain_hello())
+        ConnectionCompleter(self.clock).failOnce(Failure(ConnectionRefusedError()))
+        self.net.flush()
+        self.assertEqual(bytes(client.data), alert(80))
+        self.assertIn("loseConnection", pipe.server.calls)
+        self.assertTrue(front.record.close_reason.startswith("backend connect failed"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.factory.open_connections, 0)
+
+    def test_client_leaving_while_connecting_cancels_the_connect(self) -> None:
+        pipe, _front, client = self.open(plain_hello())
+        connector = self.clock.connectors[0]
+        pipe.client.loseConnection()
+        self.net.flush()
+        self.assertTrue(connector.stoppedConnecting)
+        self.assertEqual(bytes(client.data), b"")
+        self.assertEqual(self.factory.open_connections, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.backends.built, [])
+
+    def test_handshake_timeout_while_inspecting_aborts_both(self) -> None:
+        self.use_backend(self.backend, FrontSettings(handshake_timeout=6))
+        sealed = seal_hello(KEY.config, InnerSpec())
+        pipe, front, client, backend_pipe, _backend = self.relay_to(sealed.records)
+        self.clock.advance(5.9)
+        self.net.flush()
+        self.assertFalse(pipe.server.disconnecting)
+        self.clock.advance(0.1)
+        self.net.flush()
+        self.assertTrue(pipe.server.aborted)
+        self.assertTrue(backend_pipe.client.aborted)
+        self.assertEqual(bytes(client.data), b"")
+        self.assertEqual(front.record.close_reason, "handshake timeout")
+
+    def test_handshake_timer_stops_at_the_server_hello(self) -> None:
+        self.use_backend(self.backend, FrontSettings(handshake_timeout=6))
+        sealed = seal_hello(KEY.config, InnerSpec())
+        pipe, _front, _client, _backend_pipe, backend = self.relay_to(sealed.records)
+        backend.send(server_hello())
+        self.net.flush()
+        self.clock.advance(60)
+        self.net.flush()
+        self.assertFalse(pipe.server.disconnecting)
+
+
+class HalfCloseTests(RelayTestCase):
+    def connected(self) -> tuple[Pipe, RecordingServer, Pipe, RecordingServer]:
+        pipe, _front, client, backend_pipe, backend = self.relay_to(plain_hello())
+        return pipe, client, backend_pipe, backend
+
+    def test_client_fin_half_closes_the_backend(self) -> None:
+        pipe, client, backend_pipe, backend = self.connected()
+        pipe.client.write(APP_DATA)
+        pipe.client.loseWriteConnection()
+        self.net.flush()
+        self.assertEqual(backend_pipe.client.calls[-1], "loseWriteConnection")
+        self.assertEqual(backend.events, ["made", "eof"])
+        self.assertTrue(bytes(backend.data).endswith(APP_DATA))
+        # The other direction still works.
+        backend.send(b"reply")
+        self.net.flush()
+        self.assertEqual(bytes(client.data), b"reply")
+        self.assertFalse(pipe.server.disconnecting)
+        self.assertEqual(client.events, ["made"])
+
+    def test_backend_fin_half_closes_the_client(self) -> None:
+        pipe, client, backend_pipe, backend = self.connected()
+        backend.send(b"last words")
+        backend.half_close()
+        self.net.flush()
+        self.assertEqual(pipe.server.calls[-1], "loseWriteConnection")
+        self.assertEqual(bytes(client.data), b"last words")
+        self.assertEqual(client.events, ["made", "eof"])
+        pipe.client.write(b"still talking")
+        self.net.flush()
+        self.assertTrue(bytes(backend.data).endswith(b"still talking"))
+        self.assertFalse(backend_pipe.client.disconnecting)
+
+    def test_both_fins_close_both(self) -> None:
+        pipe, client, backend_pipe, backend = self.connected()
+        pipe.client.loseWriteConnection()
+        self.net.flush()
+        backend.send(b"answer after EOF")
+        backend.half_close()
+        self.net.flush()
+        self.assertEqual(bytes(client.data), b"answer after EOF")
+        self.assertIn("loseConnection", pipe.server.calls)
+        self.assertIn("loseConnection", backend_pipe.client.calls)
+        self.assertEqual(client.events, ["made", "eof", "lost"])
+        self.assertEqual(backend.events, ["made", "eof", "lost"])
+        self.assertEqual(self.factory.open_connections, 0)
+
+    def test_client_fin_while_connecting_reaches_the_backend_after_its_bytes(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        front = self.factory.buildProtocol(CLIENT_ADDRESS)
+        pipe = self.net.connect(RecordingServer(), front)
+        # A TCP transport reads no FIN while paused; one that ignores the
+        # pause (front.py handles that case) delivers it while connecting.
+        pipe.server.honours_pause = False
+        pipe.client.write(sealed.records + APP_DATA + EARLY_DATA[:4])
+        pipe.client.loseWriteConnection()
+        self.net.flush()
+        self.net.complete_backend(self.clock)
+        self.net.flush()
+        backend = self.backends.built[0]
+        # Everything the client sent, then its FIN (as Relay.client_eof does
+        # once connected: "the backend may as well see exactly what the
+        # client sent").
+        self.assertEqual(backend.events, ["made", "eof"])
+        self.assertEqual(bytes(backend.data), inner_records(sealed) + APP_DATA + EARLY_DATA[:4])
+
+    def test_backend_close_closes_the_client_after_queued_bytes(self) -> None:
+        pipe, client, _backend_pipe, backend = self.connected()
+        backend.send(b"x" * 1000)
+        backend.close()
+        self.net.flush()
+        self.assertEqual(bytes(client.data), b"x" * 1000)
+        self.assertEqual(client.events, ["made", "lost"])
+        self.assertIn("loseConnection", pipe.server.calls)
+        self.assertNotIn("abortConnection", pipe.server.calls)
+        self.assertEqual(self.factory.open_connections, 0)
+
+    def test_client_close_closes_the_backend(self) -> None:
+        pipe, _client, backend_pipe, backend = self.connected()
+        pipe.client.write(APP_DATA)
+        pipe.client.loseConnection()
+        self.net.flush()
+        self.assertTrue(bytes(backend.data).endswith(APP_DATA))
+        self.assertEqual(backend.events[-1], "lost")
+        self.assertNotIn("abortConnection", backend_pipe.client.calls)
+
+
+class ProxyProtocolTests(RelayTestCase):
+    def test_v2_header_before_the_first_flight(self) -> None:
+        self.use_backend(
+            Backend(
+                "pp",
+                TCP4ClientEndpoint(self.clock, "127.0.0.1", BACKEND_PORT),
+                proxy_protocol=2,
+            )
+        )
+        sealed = seal_hello(KEY.config, InnerSpec())
+        *_, backend = self.relay_to(sealed.records + APP_DATA)
+        data = bytes(backend.data)
+
+        self.assertEqual(data[:12], b"\r\n\r\n\x00\r\nQUIT\n")
+        self.assertEqual(data[12], 0x21)  # version 2, PROXY
+        self.assertEqual(data[13], 0x11)  # TCP over IPv4
+        (length,) = struct.unpack("!H", data[14:16])
+        body = data[16 : 16 + length]
+        src, dst = body[0:4], body[4:8]
+        src_port, dst_port = struct.unpack("!HH", body[8:12])
+        assert isinstance(CLIENT_ADDRESS.host, str) and isinstance(FRONT_ADDRESS.host, str)
+        self.assertEqual(src, ipaddress.IPv4Address(CLIENT_ADDRESS.host).packed)
+        self.assertEqual(dst, ipaddress.IPv4Address(FRONT_ADDRESS.host).packed)
+        self.assertEqual((src_port, dst_port), (CLIENT_ADDRESS.port, FRONT_ADDRESS.port))
+        tlvs: dict[int, bytes] = {}
+        pos = 12
+        while pos < len(body):
+            kind, size = struct.unpack("!BH", body[pos : pos + 3])
+            tlvs[kind] = body[pos + 3 : pos + 3 + size]
+            pos += 3 + size
+        self.assertEqual(pos, len(body))
+        self.assertEqual(
+            tlvs, {0x02: SECRET_NAME.encode(), 0xE0: b"\x02", 0xE1: bytes((KEY.config_id,))}
+        )
+        self.assertEqual(data[16 + length :], inner_records(sealed) + APP_DATA)
+
+    def test_v2_header_for_a_hello_without_ech(self) -> None:
+        self.use_backend(
+            Backend(
+                "pp",
+                TCP4ClientEndpoint(self.clock, "127.0.0.1", BACKEND_PORT),
+                proxy_protocol=2,
+            )
+        )
+        records = plain_hello("plain.example")
+        *_, backend = self.relay_to(records)
+        data = bytes(backend.data)
+        (length,) = struct.unpack("!H", data[14:16])
+        tlvs = data[16 + 12 : 16 + length]
+        self.assertEqual(tlvs, b"\x02\x00\x0dplain.example" + b"\xe0\x00\x01\x00")
+        self.assertEqual(data[16 + length :], records)
