@@ -120,6 +120,22 @@ class Config:
     trial_decryption: bool = False
     require_public_name: bool = False
     source: Path | None = None
+    metrics_listen: str | None = None
+    watch: bool = False
+    watch_interval: float = 5.0
+    workers: int = 1
+
+    def watched_files(self) -> tuple[Path, ...]:
+        """Files whose change triggers a reload when ``[reload] watch`` is on."""
+        files = [entry.path for entry in self.keys]
+        for local in (self.public, *self.locals.values()):
+            if local is not None:
+                files.append(local.cert)
+                if local.key is not None:
+                    files.append(local.key)
+        if self.source is not None:
+            files.insert(0, self.source)
+        return tuple(files)
 
 
 # -- step 1: shape and values ------------------------------------------------
@@ -149,6 +165,18 @@ class _Section:
                 kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             )
             raise ConfigError(f"{self._key(key)}: expected {names}, got {type(value).__name__}")
+        return value
+
+    def non_negative(self, key: str, default: float) -> float:
+        value = self.get(key, (int, float), default)
+        if value < 0:
+            raise ConfigError(f"{self._key(key)}: must be 0 or more")
+        return float(value)
+
+    def count(self, key: str, default: int) -> int:
+        value: int = self.get(key, int, default)
+        if value < 0:
+            raise ConfigError(f"{self._key(key)}: must be 0 or more")
         return value
 
     def positive(self, key: str, default: float) -> float:
@@ -190,6 +218,10 @@ _TOP = (
     "locals",
     "routes",
     "router",
+    "log",
+    "reload",
+    "metrics",
+    "workers",
 )
 
 
@@ -222,15 +254,37 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     limits = _Section(
         top.table("limits"),
         "limits",
-        ("first_flight_timeout", "handshake_timeout", "max_first_flight"),
+        (
+            "first_flight_timeout",
+            "handshake_timeout",
+            "max_first_flight",
+            "idle_timeout",
+            "max_connections",
+            "max_first_flights_per_address",
+            "hpke_rate",
+            "hpke_burst",
+            "shutdown_grace",
+        ),
     )
     max_flight = limits.get("max_first_flight", int, 64 * 1024)
     if not 512 <= max_flight <= 1024 * 1024:
         raise ConfigError("limits.max_first_flight: must be 512..1048576 bytes")
+    log = _Section(top.table("log"), "log", ("server_names",))
+    hpke_rate = limits.non_negative("hpke_rate", 200.0)
+    hpke_burst = limits.non_negative("hpke_burst", max(hpke_rate * 2, 1.0))
+    if hpke_rate and hpke_burst < 1:
+        raise ConfigError("limits.hpke_burst: must be at least 1 when hpke_rate is set")
     settings = FrontSettings(
         first_flight_timeout=limits.positive("first_flight_timeout", 10.0),
         handshake_timeout=limits.positive("handshake_timeout", 30.0),
         max_first_flight=max_flight,
+        idle_timeout=limits.non_negative("idle_timeout", 300.0),
+        max_connections=limits.count("max_connections", 10000),
+        max_first_flights_per_address=limits.count("max_first_flights_per_address", 64),
+        hpke_rate=hpke_rate,
+        hpke_burst=hpke_burst,
+        log_server_names=log.get("server_names", bool, False),
+        shutdown_grace=limits.non_negative("shutdown_grace", 30.0),
     )
 
     public = None
@@ -261,6 +315,11 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
 
     router_section = _Section(top.table("router"), "router", ("factory", "options"))
     router = router_section.get("factory", str)
+    reload_section = _Section(top.table("reload"), "reload", ("watch", "interval"))
+    metrics_section = _Section(top.table("metrics"), "metrics", ("listen",))
+    workers = top.get("workers", int, 1)
+    if not 1 <= workers <= 256:
+        raise ConfigError("workers: must be 1..256")
     return Config(
         listen=listen,
         keys=tuple(keys),
@@ -276,6 +335,10 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         trial_decryption=ech.get("trial_decryption", bool, False),
         require_public_name=ech.get("require_public_name", bool, False),
         source=source,
+        metrics_listen=metrics_section.get("listen", str),
+        watch=reload_section.get("watch", bool, False),
+        watch_interval=reload_section.positive("interval", 5.0),
+        workers=workers,
     )
 
 

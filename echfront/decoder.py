@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ from echfront.errors import (
     AlertError,
     DecodeError,
     DecryptError,
+    HandshakeFailure,
     IllegalParameter,
     MissingExtension,
 )
@@ -415,9 +417,16 @@ class ECHDecoder:
         self.trial_decryption = trial_decryption
         self.require_public_name = require_public_name
 
-    def decode(self, flight: HandshakeFlight) -> ClientHelloInfo:
+    def decode(
+        self, flight: HandshakeFlight, *, may_decrypt: Callable[[], bool] | None = None
+    ) -> ClientHelloInfo:
         """Decode a first flight whose message is a ClientHello.
 
+        :param may_decrypt: asked once, before the first HPKE operation this
+            hello would cost; False refuses the hello (a rate limit, RFC 9849
+            §10.4).  Hellos that cost no HPKE (no ECH, GREASE with an unknown
+            config_id) never ask.
+        :raises HandshakeFailure: when ``may_decrypt`` says no.
         :raises AlertError: for malformed or forbidden input; never anything else.
         """
         outer = ClientHello.from_message(flight.message)
@@ -439,6 +448,9 @@ class ECHDecoder:
             # DEC-3: only a config that lists the client's suite is a candidate.
             if key.recipient is None or not key.config.supports(ech.kdf_id, ech.aead_id):
                 continue
+            first_attempt = reason is RejectReason.UNSUPPORTED_SUITE
+            if first_attempt and may_decrypt is not None and not may_decrypt():
+                raise HandshakeFailure("HPKE rate limit for this client address")
             reason = RejectReason.DECRYPT_FAILED
             try:
                 context = key.recipient.setup(ech.kdf_id, ech.aead_id, ech.enc, key.info)

@@ -34,7 +34,10 @@ from echfront.decoder import ClientHelloInfo, ECHDecoder
 from echfront.errors import AlertDescription, AlertError, InternalError, alert_record
 from echfront.hello import HANDSHAKE_CLIENT_HELLO
 from echfront.interfaces import IRouter
+from echfront.limits import AddressLimits, address_key
 from echfront.local import LocalHandoff
+from echfront.logs import log_connection
+from echfront.metrics import Metrics
 from echfront.records import DEFAULT_MAX_FLIGHT, HandshakeReader
 from echfront.relay import Relay
 from echfront.routing import Backend, Local, Reject, Route
@@ -73,7 +76,7 @@ class StreamTransport(TypingProtocol):
 
 @dataclass(frozen=True)
 class FrontSettings:
-    """Limits of the handshake phase, each with a safe default.
+    """Limits and switches that may change on reload, each with a safe default.
 
     :ivar first_flight_timeout: seconds to receive the whole ClientHello;
         a client that is slower is aborted (slowloris, checklist PAR-10).
@@ -81,11 +84,31 @@ class FrontSettings:
         inspected phase: the backend's ServerHello when relaying, the TLS
         handshake when terminating locally.
     :ivar max_first_flight: bytes of records the ClientHello may occupy.
+    :ivar idle_timeout: seconds without a byte either way after which a
+        relayed or locally served connection is closed (0: never).  Checked
+        by a sweep every ``idle_timeout / 2`` seconds, so a connection is
+        closed after between one and one and a half times this.
+    :ivar max_connections: open client connections; new ones beyond it are
+        closed at once (0: unlimited).
+    :ivar max_first_flights_per_address: unfinished first flights per client
+        address (IPv6: per /64); more are closed at once (0: unlimited).
+    :ivar hpke_rate: HPKE decryptions per second per client address (0:
+        unlimited); a ClientHello beyond it gets handshake_failure.
+    :ivar hpke_burst: how many of those may come at once.
+    :ivar log_server_names: log the inner server name of ECH connections.
+    :ivar shutdown_grace: seconds open connections get to finish on shutdown.
     """
 
     first_flight_timeout: float = 10.0
     handshake_timeout: float = 30.0
     max_first_flight: int = DEFAULT_MAX_FLIGHT
+    idle_timeout: float = 300.0
+    max_connections: int = 10000
+    max_first_flights_per_address: int = 64
+    hpke_rate: float = 200.0
+    hpke_burst: float = 400.0
+    log_server_names: bool = False
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -104,14 +127,35 @@ class FrontState:
 
 @dataclass
 class ConnectionRecord:
-    """Facts about one connection, filled in as it progresses (for logs, metrics)."""
+    """Facts about one connection, filled in as it progresses (for logs, metrics).
+
+    :ivar started: the clock's seconds at accept.
+    :ivar address: the client address as limits account it.
+    :ivar limit: the limit that closed the connection, if one did.
+    """
 
     started: float
     peer: str = ""
+    address: str = ""
     info: ClientHelloInfo | None = None
     route: str = ""
     alert: AlertDescription | None = None
     close_reason: str = ""
+    limit: str = ""
+    first_flight_bytes: int = 0
+    hello_retry: bool = False
+    bytes_from_client: int = 0
+    bytes_to_client: int = 0
+
+
+def format_address(address: object) -> str:
+    """``host:port`` (``[host]:port`` for IPv6), or the address's own text."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if isinstance(host, str) and isinstance(port, int):
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(address)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -120,8 +164,8 @@ class FrontProtocol(Protocol):
 
     ``dataReceived`` is rebound per phase: the first-flight reader, then a
     holding buffer while routing, then the relay or the local TLS protocol,
-    and finally, on the relay fast path, the backend transport's ``write``
-    itself, so relayed bytes cost no Python frame of ours.
+    and finally, on the relay fast path, a two-line function that counts the
+    bytes and writes them to the backend transport.
     """
 
     factory: FrontFactory
@@ -132,7 +176,7 @@ class FrontProtocol(Protocol):
         """Serve one connection under ``state``."""
         self.state = state
         self.clock = clock
-        self.record = ConnectionRecord(started=time.monotonic())
+        self.record = ConnectionRecord(started=clock.seconds())
         self.info: ClientHelloInfo | None = None
         self._reader: HandshakeReader | None = HandshakeReader(
             HANDSHAKE_CLIENT_HELLO, max_bytes=state.settings.max_first_flight
@@ -141,12 +185,15 @@ class FrontProtocol(Protocol):
         self._held: list[bytes] = []
         self._handler: Relay | LocalHandoff | None = None
         self._closed = False
+        #: Idle sweep bookkeeping: bytes seen at the last sweep, and sweeps since.
+        self.seen_activity = -1
+        self.quiet_sweeps = 0
 
     # -- phase 1: the first flight ---------------------------------------
 
     def connectionMade(self) -> None:
         """Start the first-flight deadline."""
-        self.record.peer = str(self.transport.getPeer())
+        self.record.peer = format_address(self.transport.getPeer())
         self._start_timer(self.state.settings.first_flight_timeout, "first flight timeout")
 
     def dataReceived(self, data: bytes) -> None:
@@ -162,10 +209,14 @@ class FrontProtocol(Protocol):
             self._reader = None
             self.transport.pauseProducing()
             self.dataReceived = self._hold  # type: ignore[method-assign]
-            info = self.state.decoder.decode(flight)
+            self.factory.first_flight_done(self, len(flight.records))
+            decode_started = time.perf_counter()
+            info = self.state.decoder.decode(flight, may_decrypt=self._may_decrypt)
         except AlertError as error:
             self.fail(error)
             return
+        if info.config_id is not None:
+            self.factory.metrics.decode_seconds.observe(time.perf_counter() - decode_started)
         self.info = self.record.info = info
         self._start_timer(self.state.settings.handshake_timeout, "handshake timeout")
         try:
@@ -178,6 +229,16 @@ class FrontProtocol(Protocol):
             route.addCallbacks(self._routed, self._route_failed)
         else:
             self._routed(route)
+
+    def _may_decrypt(self) -> bool:
+        """The decoder asks before spending an HPKE operation (RFC 9849 §10.4)."""
+        settings = self.state.settings
+        allowed = self.factory.limits.take_hpke(
+            self.record.address, settings.hpke_rate, settings.hpke_burst
+        )
+        if not allowed:
+            self.record.limit = "hpke_rate"
+        return allowed
 
     def _hold(self, data: bytes) -> None:
         """Keep bytes that arrive before the hand-off, within the flight bound."""
@@ -233,6 +294,11 @@ class FrontProtocol(Protocol):
         """The inspected phase is over: stop the handshake deadline."""
         self._cancel_timer()
 
+    @property
+    def handed_off(self) -> bool:
+        """Whether the connection is past its handshake phase (relaying or served)."""
+        return self._handler is not None and not self._handler.handshake_pending()
+
     def fail(self, error: AlertError) -> None:
         """Refuse the connection with the error's alert."""
         self.send_alert(error.alert, str(error))
@@ -253,11 +319,12 @@ class FrontProtocol(Protocol):
             self._handler.abort()
         self.transport.loseConnection()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, *, limit: str = "") -> None:
         """Drop the connection at once (timeouts, abuse): nothing more is sent."""
         if self._closed:
             return
         self.record.close_reason = self.record.close_reason or reason
+        self.record.limit = self.record.limit or limit
         if self._handler is not None:
             self._handler.abort()
         self.transport.abortConnection()
@@ -275,9 +342,9 @@ class FrontProtocol(Protocol):
 
     def _timed_out(self, reason: str) -> None:
         self._timer = None
-        if self._handler is not None and not self._handler.handshake_pending():
+        if self.handed_off:
             return  # the handshake finished just in time
-        self.abort(reason)
+        self.abort(reason, limit=reason.replace(" ", "_"))
 
     # -- close ------------------------------------------------------------------
 
@@ -306,28 +373,113 @@ class FrontProtocol(Protocol):
 
 
 class FrontFactory(Factory):
-    """Builds :class:`FrontProtocol` instances with the current state.
+    """Builds :class:`FrontProtocol` instances and keeps what they share.
 
     :ivar state: the state new connections get; assign to reload.
     :ivar clock: the reactor (or a test clock) for every timer.
+    :ivar metrics: the front's metrics.
+    :ivar limits: per-address first flights and HPKE buckets (survive reloads).
+    :ivar connections: the open connections.
     """
 
     protocol = FrontProtocol  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, state: FrontState, clock: IReactorTime) -> None:
+    def __init__(
+        self, state: FrontState, clock: IReactorTime, metrics: Metrics | None = None
+    ) -> None:
         """Serve with ``state`` and ``clock``."""
         self.state = state
         self.clock = clock
-        self.open_connections = 0
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.limits = AddressLimits(clock.seconds)
+        self.connections: set[FrontProtocol] = set()
+        self._sweeper: IDelayedCall | None = None
 
-    def buildProtocol(self, addr: IAddress) -> FrontProtocol:  # type: ignore[override]
-        """Build a protocol bound to the current state."""
+    @property
+    def open_connections(self) -> int:
+        """Number of open client connections."""
+        return len(self.connections)
+
+    def buildProtocol(self, addr: IAddress) -> FrontProtocol | None:  # type: ignore[override]
+        """Build a protocol bound to the current state, or None to refuse at once."""
+        settings = self.state.settings
+        if settings.max_connections and len(self.connections) >= settings.max_connections:
+            self.metrics.limited.labels("max_connections").inc()
+            return None
+        host = getattr(addr, "host", None)
+        key = address_key(host) if isinstance(host, str) else str(addr)
+        if not self.limits.start_first_flight(key, settings.max_first_flights_per_address):
+            self.metrics.limited.labels("first_flights_per_address").inc()
+            return None
         proto = FrontProtocol(self.state, self.clock)
         proto.factory = self
-        self.open_connections += 1
+        proto.record.address = key
+        self.connections.add(proto)
+        self.metrics.active.inc()
+        self._schedule_sweep()
         return proto
 
+    def first_flight_done(self, proto: FrontProtocol, size: int) -> None:
+        """The connection's ClientHello is complete."""
+        self.limits.end_first_flight(proto.record.address)
+        proto.record.first_flight_bytes = size
+        self.metrics.first_flight_bytes.observe(size)
+        self.metrics.first_flight_seconds.observe(self.clock.seconds() - proto.record.started)
+
     def connection_closed(self, proto: FrontProtocol) -> None:
-        """Called once per connection when it closes."""
-        self.open_connections -= 1
+        """Called once per connection when it closes: account and log it."""
+        self.connections.discard(proto)
+        if not proto.record.first_flight_bytes:  # closed before its ClientHello was complete
+            self.limits.end_first_flight(proto.record.address)
+        self.metrics.active.dec()
+        if not self.connections:
+            self._stop_sweep()  # no timer runs while the front is idle
+        self.metrics.closed(proto.record)
+        log_connection(
+            proto.record,
+            self.clock.seconds(),
+            log_server_names=proto.state.settings.log_server_names,
+        )
+
+    # -- the idle sweep -------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is None:
+            interval = self.state.settings.idle_timeout / 2 or 30.0
+            self._sweeper = self.clock.callLater(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close handed-off connections with no traffic for two sweeps.
+
+        Counting bytes costs one addition per read; a timer per read would
+        cost a reschedule each.  A connection whose byte counts did not move
+        between two consecutive sweeps has been idle for at least
+        ``idle_timeout``.
+        """
+        self._sweeper = None
+        settings = self.state.settings
+        if settings.idle_timeout:
+            for proto in list(self.connections):
+                if not proto.handed_off:
+                    continue
+                activity = proto.record.bytes_from_client + proto.record.bytes_to_client
+                if activity != proto.seen_activity:
+                    proto.seen_activity = activity
+                    proto.quiet_sweeps = 0
+                    continue
+                proto.quiet_sweeps += 1
+                if proto.quiet_sweeps >= 2:
+                    proto.abort("idle timeout", limit="idle_timeout")
+        self.limits.sweep(settings.hpke_rate, settings.hpke_burst)
+        if self.connections:
+            self._schedule_sweep()
+
+    def _stop_sweep(self) -> None:
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+
+    def stopFactory(self) -> None:
+        """Stop the sweep (the listener is gone)."""
+        self._stop_sweep()

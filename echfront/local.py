@@ -17,13 +17,14 @@ that matters (see docs/security.rst).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
 
 from echfront.decoder import ClientHelloInfo
 from echfront.errors import ConfigError, InternalError
@@ -32,7 +33,7 @@ from echfront.routing import Local
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from echfront.front import FrontProtocol
+    from echfront.front import ConnectionRecord, FrontProtocol, StreamTransport
 
 __all__ = ["LocalHandoff", "hello_info_for", "load_certificate_options", "local_target"]
 
@@ -116,6 +117,29 @@ def local_target(
     return Local(name, _UnbufferedTLSFactory(options, False, app_factory, clock=clock))
 
 
+class _CountingTransport:
+    """The client transport as the TLS layer sees it: writes are counted.
+
+    Everything else is the real transport's, and the proxy declares the
+    same interfaces, so TLS half-close and producer handling are unchanged.
+    """
+
+    def __init__(self, transport: StreamTransport, record: ConnectionRecord) -> None:
+        self._transport = transport
+        self._record = record
+        directlyProvides(self, providedBy(transport))
+
+    def write(self, data: bytes) -> None:
+        self._record.bytes_to_client += len(data)
+        self._transport.write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LocalHandoff:
     """Connects a local TLS server to a client connection the front has read from."""
 
@@ -138,9 +162,15 @@ class LocalHandoff:
             return
         _HELLO_BY_TRANSPORT[tls] = self.info
         self._tls = tls
-        tls.makeConnection(front.transport)
-        front.set_input(tls.dataReceived)
-        tls.dataReceived(self.info.forward + self.info.rest + front.take_held())
+        record = front.record
+        tls.makeConnection(_CountingTransport(front.transport, record))
+
+        def receive(data: bytes) -> None:
+            record.bytes_from_client += len(data)
+            tls.dataReceived(data)
+
+        front.set_input(receive)
+        receive(self.info.forward + self.info.rest + front.take_held())
         front.transport.resumeProducing()
 
     def handshake_pending(self) -> bool:

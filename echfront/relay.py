@@ -19,11 +19,15 @@ the relay keeps watching (checklist §1.H):
   context and rewritten (§7.1.1).
 
 After that both directions switch to the fast path: each side's
-``dataReceived`` becomes the other transport's ``write``.
+``dataReceived`` becomes a two-line closure that adds the byte count to the
+connection record and calls the other transport's ``write``; counting costs
+one addition per read, and it is what the idle sweep, the logs and the
+metrics read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IReactorTime
 
     from echfront.decoder import ClientHelloInfo
-    from echfront.front import FrontProtocol, StreamTransport
+    from echfront.front import ConnectionRecord, FrontProtocol, StreamTransport
     from echfront.routing import Backend
 
 __all__ = ["Relay"]
@@ -110,6 +114,30 @@ def _timed_out(result: object, timeout: float) -> object:
     raise TimeoutError(timeout, "backend connect")
 
 
+def _counted_from_client(
+    record: ConnectionRecord, sink: Callable[[bytes], object]
+) -> Callable[[bytes], None]:
+    """``sink``, counting what the client sends."""
+
+    def receive(data: bytes) -> None:
+        record.bytes_from_client += len(data)
+        sink(data)
+
+    return receive
+
+
+def _counted_to_client(
+    record: ConnectionRecord, sink: Callable[[bytes], object]
+) -> Callable[[bytes], None]:
+    """``sink``, counting what goes to the client."""
+
+    def receive(data: bytes) -> None:
+        record.bytes_to_client += len(data)
+        sink(data)
+
+    return receive
+
+
 def _half_close(transport: StreamTransport) -> None:
     """Send FIN if the transport can; otherwise wait for the full close."""
     if IHalfCloseableDescriptor.providedBy(transport):
@@ -136,6 +164,7 @@ class Relay:
         self.backend = backend
         self.clock = clock
         self._connecting: Deferred[_BackendProtocol] | None = None
+        self._connect_started = 0.0
         self._peer: _BackendProtocol | None = None
         self._client_eof = False
         self._backend_eof = False
@@ -153,6 +182,7 @@ class Relay:
             _BackendFactory(self)
         )
         d.addTimeout(self.backend.connect_timeout, self.clock, onTimeoutCancel=_timed_out)
+        self._connect_started = self.clock.seconds()
         self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
@@ -162,13 +192,14 @@ class Relay:
             return
         if failure.check(CancelledError):
             return  # the client went away first
-        reason = (
-            "backend connect timed out"
-            if failure.check(TimeoutError)
-            else (f"backend connect failed: {failure.getErrorMessage()}")
-        )
+        if failure.check(TimeoutError):
+            kind, reason = "timeout", "backend connect timed out"
+        else:
+            kind = "refused" if failure.check(ConnectionRefusedError) else "error"
+            reason = f"backend connect failed: {failure.getErrorMessage()}"
         if not failure.check(ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError):
             self.log.failure("unexpected backend connect failure", failure)
+        self.front.factory.metrics.backend_failures.labels(self.backend.name, kind).inc()
         self.log.info("{backend}: {reason}", backend=self.backend.name, reason=reason)
         self.front.send_alert(AlertDescription.INTERNAL_ERROR, reason)
 
@@ -178,9 +209,13 @@ class Relay:
             peer.transport.abortConnection()
             return
         self._peer = peer
+        self.front.factory.metrics.connect_seconds.labels(self.backend.name).observe(
+            self.clock.seconds() - self._connect_started
+        )
         client = self.front.transport
         backend = peer.transport
         info = self.info
+        record = self.front.record
         if self.backend.proxy_protocol:
             backend.write(proxy_header(self.backend.proxy_protocol, client, info))
         backend.write(info.forward)
@@ -191,12 +226,14 @@ class Relay:
             self._inspecting = True
             self._splitter = RecordSplitter()
             self._server_hello = HandshakeReader(HANDSHAKE_SERVER_HELLO, require_boundary=False)
-            self.front.set_input(self._client_before_server_hello)
+            receive = _counted_from_client(record, self._client_before_server_hello)
+            self.front.set_input(receive)
             if pending:
-                self._client_before_server_hello(pending)
+                receive(pending)
         else:
             # No ECH to keep: the backend sees exactly what the client sends.
             if pending:
+                record.bytes_from_client += len(pending)
                 backend.write(pending)
             self._fast_path_both()
         # Flow control: a full socket on either side pauses reading on the other.
@@ -227,23 +264,30 @@ class Relay:
                     self._server_said(hello_retry=retry)
         # The state is updated before the bytes leave, so the client direction
         # is ready for a second ClientHello before the client can send one.
+        self.front.record.bytes_to_client += len(data)
         self.front.transport.write(data)
 
     def _server_said(self, *, hello_retry: bool) -> None:
         """The backend's first handshake message is known."""
         assert self._peer is not None
         self._server_hello = None
-        self._peer.dataReceived = self.front.transport.write  # type: ignore[method-assign]
+        self._peer.dataReceived = _counted_to_client(  # type: ignore[method-assign,assignment]
+            self.front.record, self.front.transport.write
+        )
         splitter = self._splitter
         self._splitter = None
         held = splitter.pending() if splitter is not None else b""
         if hello_retry:
+            self.front.record.hello_retry = True
+            self.front.factory.metrics.hello_retry_requests.inc()
             self._second_hello = HandshakeReader(
                 HANDSHAKE_CLIENT_HELLO,
                 max_bytes=self.front.state.settings.max_first_flight,
                 pass_types=_BEFORE_SECOND_HELLO,
             )
-            self.front.set_input(self._client_await_second_hello)
+            self.front.set_input(
+                _counted_from_client(self.front.record, self._client_await_second_hello)
+            )
             if held:
                 self._client_await_second_hello(held)
         else:
@@ -287,12 +331,14 @@ class Relay:
     def _fast_path_client(self) -> None:
         assert self._peer is not None
         self._inspecting = False
-        self.front.set_input(self._peer.transport.write)
+        self.front.set_input(_counted_from_client(self.front.record, self._peer.transport.write))
         self.front.handshake_done()
 
     def _fast_path_both(self) -> None:
         assert self._peer is not None
-        self._peer.dataReceived = self.front.transport.write  # type: ignore[method-assign]
+        self._peer.dataReceived = _counted_to_client(  # type: ignore[method-assign,assignment]
+            self.front.record, self.front.transport.write
+        )
         self._fast_path_client()
 
     # -- closing -----------------------------------------------------------

@@ -10,13 +10,23 @@ configuration problem is reported as one line before the reactor starts.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python import usage
 
 from echfront.config import (
@@ -34,9 +44,12 @@ from echfront.demo import default_state_dir, demo_config
 from echfront.errors import ConfigError
 from echfront.front import FrontFactory
 from echfront.keys import KeySet
+from echfront.metrics import Metrics, MetricsResource
 from echfront.routing import validate_pattern
+from echfront.web import QuietSite
+from echfront.workers import Supervisor, shared_listeners, worker_index, worker_listen
 
-__all__ = ["FrontService", "Options", "makeService"]
+__all__ = ["FrontService", "Options", "makeService", "metrics_service"]
 
 
 class Options(usage.Options):
@@ -60,6 +73,21 @@ class Options(usage.Options):
             None,
             "PEM file with the certificate chain and private key of the public name; "
             "it is served locally by the built-in status page.",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics on this server endpoint, e.g. "
+            "tcp:9100:interface=127.0.0.1 (overrides [metrics] listen).",
+        ],
+        [
+            "workers",
+            None,
+            0,
+            "Run this many worker processes sharing the listening ports "
+            "(overrides workers in the file; default 1).",
+            int,
         ],
         [
             "state-dir",
@@ -109,7 +137,16 @@ def options_to_config(options: Options) -> tuple[Config, list[str]]:
     """
     if options["config"] is None and not options.has_flags:
         state_dir = Path(options["state-dir"]) if options["state-dir"] else default_state_dir()
-        return demo_config(state_dir)
+        config, lines = demo_config(state_dir)
+    else:
+        config, lines = _file_and_flags(options), []
+    if options["metrics"]:
+        config = replace(config, metrics_listen=options["metrics"])
+    return config, lines
+
+
+def _file_and_flags(options: Options) -> Config:
+    """The configuration file (if any) with the quick flags applied over it."""
     config = load_config_file(Path(options["config"])) if options["config"] else Config()
     if options["listen"]:
         config = replace(config, listen=tuple(options["listen"]))
@@ -133,43 +170,248 @@ def options_to_config(options: Options) -> tuple[Config, list[str]]:
             backends[backend] = BackendConfig(backend, endpoint)
             routes.append(RouteConfig(name, f"backend:{backend}"))
         config = replace(config, backends=backends, routes=tuple(routes))
-    return config, []
+    return config
 
 
 class FrontService(MultiService):
-    """The running front: its listeners and the factory they share.
+    """The running front: listeners, the factory they share, reload and shutdown.
 
     :ivar factory: the FrontFactory; ``factory.state`` is what new
         connections are served with.
+    :ivar config: the configuration in service.
     """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
-        """Build the state and listeners; raise ConfigError if anything is wrong."""
+    log = Logger()
+
+    def __init__(
+        self,
+        load: Callable[[], Config],
+        reactor: Any,
+        *,
+        worker: int | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """Build the state and listeners; raise ConfigError if anything is wrong.
+
+        :param load: reads the configuration (again, on every reload).
+        :param worker: this process's index under ``--workers``, if any.
+        """
         super().__init__()  # type: ignore[no-untyped-call]
-        self.config = config
+        self.load = load
         self.reactor = reactor
-        self.factory = FrontFactory(build_state(config, reactor, self.current_keys), reactor)
-        for endpoint in listen_endpoints(config, reactor):
-            StreamServerEndpointService(endpoint, self.factory).setServiceParent(self)
+        self.worker = worker
+        self.config = load()
+        self.metrics = metrics if metrics is not None else Metrics()
+        state = build_state(self.config, reactor, self.current_keys)
+        self.factory = FrontFactory(state, reactor, self.metrics)
+        self.metrics.set_keys(state.decoder.keys)
+        self._ports: list[IListeningPort] = []
+        self._watched: dict[Path, tuple[int, int, int] | None] = {}
+        self._watcher: LoopingCall | None = None
+        self._previous_hup: Any = None
+        if worker is None:
+            for endpoint in listen_endpoints(self.config, reactor):
+                StreamServerEndpointService(endpoint, self.factory).setServiceParent(self)
+            if self.config.metrics_listen:
+                metrics_service(
+                    self.config.metrics_listen, self.metrics.registry, reactor
+                ).setServiceParent(self)
 
     def current_keys(self) -> KeySet:
         """The key set new connections are decrypted with."""
         return self.factory.state.decoder.keys if hasattr(self, "factory") else KeySet()
 
+    # -- reload ------------------------------------------------------------
 
-def makeService(options: Options, reactor: Any = None) -> FrontService:
+    def reload(self) -> bool:
+        """Read the configuration again and serve new connections with it.
+
+        Connections in progress keep the state they started with (a second
+        ClientHello after a HelloRetryRequest still uses its first hello's
+        HPKE context).  If the new configuration is invalid, the running one
+        stays and one error line is logged.
+        """
+        try:
+            config = self.load()
+            state = build_state(config, self.reactor, self.current_keys)
+        except ConfigError as error:
+            self.metrics.reloads.labels("failure").inc()
+            self.log.error(
+                "reload failed, still serving the previous configuration: {error}",
+                error=str(error),
+            )
+            return False
+        if config.listen != self.config.listen or config.metrics_listen != (
+            self.config.metrics_listen
+        ):
+            self.log.warn("listen and metrics endpoints change only on restart")
+        self.config = config
+        self.factory.state = state
+        self.metrics.set_keys(state.decoder.keys)
+        self.metrics.reloads.labels("success").inc()
+        self._snapshot()
+        self.log.info(
+            "reloaded: {keys} ECH configs, {targets} targets",
+            keys=len(state.decoder.keys),
+            targets=len(state.targets),
+        )
+        return True
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        # Signal handlers run between bytecodes; hand the work to the reactor.
+        self.reactor.callFromThread(self.reload)
+
+    def _stat(self, path: Path) -> tuple[int, int, int] | None:
+        try:
+            info = path.stat()
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+    def _snapshot(self) -> None:
+        self._watched = {path: self._stat(path) for path in self.config.watched_files()}
+
+    def _check_files(self) -> None:
+        """Reload when a watched file changed (``[reload] watch = true``)."""
+        changed = any(self._stat(path) != seen for path, seen in self._watched.items())
+        if changed and not self.reload():
+            self._snapshot()  # report a broken file once, not at every poll
+
+    # -- start and stop ------------------------------------------------------
+
+    def startService(self) -> None:
+        """Listen, and start watching for SIGHUP and file changes."""
+        if self.worker is not None:
+            for index, description in enumerate(self.config.listen):
+                self._ports.append(worker_listen(self.reactor, index, description, self.factory))
+        super().startService()  # type: ignore[no-untyped-call]
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
+        if self.config.watch:
+            self._snapshot()
+            self._watcher = LoopingCall(self._check_files)
+            self._watcher.clock = self.reactor
+            self._watcher.start(self.config.watch_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop accepting, let open connections finish, then close the rest.
+
+        Open connections get ``[limits] shutdown_grace`` seconds; whatever is
+        still open then is aborted.
+        """
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        if self._watcher is not None and self._watcher.running:
+            self._watcher.stop()
+        stopped = [d for d in (port.stopListening() for port in self._ports) if d is not None]
+        self._ports = []
+        done: Deferred[None] = Deferred()
+
+        def drain(_: object) -> None:
+            grace = self.factory.state.settings.shutdown_grace
+            deadline = self.reactor.seconds() + grace
+            if self.factory.connections:
+                self.log.info(
+                    "waiting up to {grace}s for {count} open connections",
+                    grace=grace,
+                    count=len(self.factory.connections),
+                )
+
+            def check() -> None:
+                if not self.factory.connections:
+                    done.callback(None)
+                elif self.reactor.seconds() >= deadline:
+                    for proto in list(self.factory.connections):
+                        proto.abort("shutdown", limit="shutdown_grace")
+                    done.callback(None)
+                else:
+                    self.reactor.callLater(0.1, check)
+
+            check()
+
+        listeners = DeferredList([*stopped, maybeDeferred(super().stopService)])
+        listeners.addCallback(drain)
+        return done
+
+
+def metrics_service(description: str, registry: Any, reactor: Any) -> StreamServerEndpointService:
+    """The ``--metrics`` listener: Prometheus text format on any path."""
+    try:
+        endpoint = serverFromString(reactor, description)
+    except Exception as error:
+        raise ConfigError(f"metrics: {description!r}: {error}") from None
+    site = QuietSite(MetricsResource(registry))  # type: ignore[no-untyped-call]
+    return StreamServerEndpointService(endpoint, site)
+
+
+def _worker_argv(options: Options) -> list[str]:
+    """The twistd command line a worker runs: this front's own options."""
+    args = [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+    ]
+    # Keep the operator's log format (e.g. --logger=echfront.logs.json_observer).
+    args += [a for a in sys.argv[1:] if a.startswith(("--logger=", "--logfile="))]
+    args.append("echfront")
+    if options["config"]:
+        args += ["--config", str(Path(options["config"]).resolve())]
+    for description in options["listen"]:
+        args += ["--listen", description]
+    for path in options["ech_keys"]:
+        args += ["--ech-key", str(Path(path).resolve())]
+    if options["public-cert"]:
+        args += ["--public-cert", str(Path(options["public-cert"]).resolve())]
+    for name, endpoint in options["routes"]:
+        args += ["--route", f"{name}={endpoint}"]
+    if options["state-dir"]:
+        args += ["--state-dir", str(Path(options["state-dir"]).resolve())]
+    return args
+
+
+def makeService(options: Options, reactor: Any = None) -> Service:
     """Build the service twistd runs (the reactor may be injected, for tests)."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor  # noqa: PLC0415 (installed late)
 
         reactor = global_reactor
+    worker = worker_index()
     try:
         config, lines = options_to_config(options)
-        service = FrontService(config, reactor)
+        count = options["workers"] or config.workers
+        service: Service
+        if count > 1 and worker is None:
+            service = _supervisor(options, config, count, reactor)
+        else:
+            service = FrontService(lambda: options_to_config(options)[0], reactor, worker=worker)
     except ConfigError as error:
         # One line, before the reactor starts, and a non-zero exit status.
         sys.stderr.write(f"echfront: error: {error}\n")
         raise SystemExit(1) from None
-    for line in lines:
-        print(line)
+    if worker is None:
+        for line in lines:
+            print(line)
     return service
+
+
+def _supervisor(options: Options, config: Config, count: int, reactor: Any) -> Service:
+    """The ``--workers`` supervisor: checks the configuration, then runs workers."""
+    build_state(config, reactor, KeySet)  # fail here, once, rather than in every worker
+    supervisor = Supervisor(
+        reactor,
+        argv=_worker_argv(options),
+        count=count,
+        listeners=shared_listeners(config.listen),
+        grace=config.settings.shutdown_grace,
+    )
+    if not config.metrics_listen:
+        return supervisor
+    parent = MultiService()
+    supervisor.setServiceParent(parent)  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=supervisor.metrics_dir)
+    metrics_service(config.metrics_listen, registry, reactor).setServiceParent(parent)
+    return parent

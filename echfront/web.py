@@ -14,6 +14,7 @@ import html
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from echfront.config import ServiceContext
     from echfront.keys import KeySet
 
-__all__ = ["OriginSVCBResource", "StatusResource", "public_service", "status_site"]
+__all__ = ["OriginSVCBResource", "QuietSite", "StatusResource", "public_service", "status_site"]
 
 _STATUS_TEXT = {
     ECHStatus.ACCEPTED: "accepted: this page was requested inside an encrypted ClientHello",
@@ -96,6 +97,19 @@ class StatusResource(Resource):
         ).encode()
 
 
+class QuietSite(Site):
+    """A Site without per-request access logs.
+
+    The front logs one event per connection; per-request lines would add
+    client addresses and paths to the logs for no operational gain.
+    """
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        """Do not log requests."""
+
+
 def status_site(keys: Callable[[], KeySet], public_name: str, alpn: Sequence[str] = ()) -> Site:
     """The default public-name site: status page and origin-svcb document."""
     root = Resource()
@@ -104,7 +118,7 @@ def status_site(keys: Callable[[], KeySet], public_name: str, alpn: Sequence[str
     well_known = Resource()
     well_known.putChild(b"origin-svcb", OriginSVCBResource(keys, alpn))
     root.putChild(b".well-known", well_known)
-    site = Site(root)
+    site = QuietSite(root)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     return site
 

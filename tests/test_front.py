@@ -60,9 +60,11 @@ class CountingDecoder(ECHDecoder):
         super().__init__(keys)
         self.flights: list[HandshakeFlight] = []
 
-    def decode(self, flight: HandshakeFlight) -> ClientHelloInfo:
+    def decode(
+        self, flight: HandshakeFlight, *, may_decrypt: Callable[[], bool] | None = None
+    ) -> ClientHelloInfo:
         self.flights.append(flight)
-        return super().decode(flight)
+        return super().decode(flight, may_decrypt=may_decrypt)
 
 
 @implementer(IRouter)

@@ -1,0 +1,170 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""Prometheus metrics, served on their own endpoint (``--metrics ENDPOINT``).
+
+Names follow Prometheus conventions: ``echfront_`` prefix, ``_total`` for
+counters, base units (bytes, seconds).  Label values come only from the
+configuration (route and backend names), from small fixed sets (ECH outcome,
+alert name, direction) or from config_id (at most 256 values), so no client
+can inflate the number of series.  Server names are never labels.
+
+Every front owns its own registry; with ``--workers`` each worker writes
+into a shared multiprocess directory and the supervising process serves the
+sum (prometheus_client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from twisted.web.resource import Resource
+
+if TYPE_CHECKING:
+    from twisted.web.server import Request
+
+    from echfront.front import ConnectionRecord
+    from echfront.keys import KeySet
+
+__all__ = ["Metrics", "MetricsResource"]
+
+_BYTES_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+_FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_SLOW_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The front's metrics; one instance per front (per worker)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """Register every metric in ``registry`` (a new one by default)."""
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Counter(
+            "echfront_connections_total",
+            "Closed connections by ECH outcome (accepted, rejected, not_offered, or error "
+            "before decoding), alert sent by the front (none if it sent none), and route.",
+            ("ech", "alert", "route"),
+            registry=r,
+        )
+        self.ech_configs = Counter(
+            "echfront_ech_config_total",
+            "ClientHellos offering ECH, by the config_id they named and the outcome.",
+            ("config_id", "ech"),
+            registry=r,
+        )
+        self.active = Gauge(
+            "echfront_active_connections",
+            "Client connections currently open.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.first_flight_bytes = Histogram(
+            "echfront_first_flight_bytes",
+            "Size of the records carrying the first ClientHello.",
+            buckets=_BYTES_BUCKETS,
+            registry=r,
+        )
+        self.first_flight_seconds = Histogram(
+            "echfront_first_flight_seconds",
+            "Time from accept to a complete first ClientHello.",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "echfront_ech_decrypt_seconds",
+            "Time to decode an ECH ClientHelloOuter (parse, HPKE, rebuild).",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.connect_seconds = Histogram(
+            "echfront_backend_connect_seconds",
+            "Time to connect to a backend.",
+            ("backend",),
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
+        self.backend_failures = Counter(
+            "echfront_backend_failures_total",
+            "Backend connections that failed (refused, timeout, other).",
+            ("backend", "reason"),
+            registry=r,
+        )
+        self.relayed_bytes = Counter(
+            "echfront_relayed_bytes_total",
+            "Bytes relayed between clients and backends.",
+            ("direction",),
+            registry=r,
+        )
+        self.hello_retry_requests = Counter(
+            "echfront_hello_retry_requests_total",
+            "HelloRetryRequests seen from backends on ECH-accepted connections.",
+            registry=r,
+        )
+        self.limited = Counter(
+            "echfront_limited_connections_total",
+            "Connections closed by a limit (max_connections, per-address first "
+            "flights, HPKE rate, idle timeout, first-flight or handshake timeout).",
+            ("limit",),
+            registry=r,
+        )
+        self.reloads = Counter(
+            "echfront_reloads_total",
+            "Configuration reloads by result.",
+            ("result",),
+            registry=r,
+        )
+        self.key_info = Gauge(
+            "echfront_ech_key_info",
+            "ECH configs in service (value 1), by config_id, KEM and role.",
+            ("config_id", "kem", "public_name", "published"),
+            registry=r,
+            multiprocess_mode="max",
+        )
+
+    def set_keys(self, keys: KeySet) -> None:
+        """Describe the key set in service (after start and every reload)."""
+        self.key_info.clear()
+        for key in keys.keys:
+            self.key_info.labels(
+                str(key.config_id),
+                key.config.kem_name,
+                key.config.public_name,
+                "true" if key.published else "false",
+            ).set(1)
+
+    def closed(self, record: ConnectionRecord) -> None:
+        """Count a finished connection."""
+        info = record.info
+        ech = "error" if info is None else info.status.value
+        alert = "none" if record.alert is None else record.alert.name.lower()
+        self.connections.labels(ech, alert, record.route or "none").inc()
+        if info is not None and info.config_id is not None:
+            self.ech_configs.labels(str(info.config_id), ech).inc()
+        if record.bytes_from_client or record.bytes_to_client:
+            self.relayed_bytes.labels("client_to_backend").inc(record.bytes_from_client)
+            self.relayed_bytes.labels("backend_to_client").inc(record.bytes_to_client)
+        if record.limit:
+            self.limited.labels(record.limit).inc()
+
+
+class MetricsResource(Resource):
+    """``GET /metrics`` (any path): the text exposition format."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Serve ``registry``."""
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        """Render every metric of the registry."""
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._registry)
