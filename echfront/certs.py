@@ -1,10 +1,10 @@
-# -*- test-case-name: tests.test_certs -*-
+# -*- test-case-name: tests.test_local -*-
 """Self-signed certificate authority and certificates, for the demo and tests.
 
 ``twistd -n echfront`` with no configuration serves a demo that needs a
 CA and certificates for a public name and a private name; the test suite
 needs the same for its real TLS peers.  Production deployments bring their
-own certificates (``public_cert`` / ``cert`` settings).
+own certificates (``[public] cert`` and ``[locals.X] cert`` settings).
 """
 
 from __future__ import annotations

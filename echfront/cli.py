@@ -16,6 +16,8 @@ from typing import NoReturn
 
 from echfront._version import __version__
 from echfront.echconfig import (
+    KEM_MLKEM768_X25519,
+    KEM_X25519_HKDF_SHA256,
     ECHConfig,
     SymmetricSuite,
     decode_config_list,
@@ -24,13 +26,23 @@ from echfront.echconfig import (
 )
 from echfront.errors import ConfigError
 from echfront.hpke import DEFAULT_SUITES
-from echfront.keys import ECHKey, generate_key, load_pem, read_key_file, write_key_file
+from echfront.keys import (
+    ECHKey,
+    generate_key,
+    load_pem,
+    preference_order,
+    read_key_file,
+    write_key_file,
+)
 from echfront.svcb import https_record
 
 __all__ = ["main"]
 
 _KDFS = {"hkdf-sha256": 1, "hkdf-sha384": 2, "hkdf-sha512": 3}
 _AEADS = {"aes-128-gcm": 1, "aes-256-gcm": 2, "chacha20-poly1305": 3}
+#: ``keygen --kem`` choices: the classical KEM every ECH client supports, and
+#: the post-quantum hybrid (draft-ietf-hpke-pq) that Go >= 1.26 clients use.
+_KEMS = {"x25519": KEM_X25519_HKDF_SHA256, "mlkem768-x25519": KEM_MLKEM768_X25519}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,10 +84,18 @@ def _parser() -> _Parser:
     keygen = commands.add_parser(
         "keygen",
         help="generate an ECH key and config (RFC 9934 PEM file)",
-        description="Generate a DHKEM(X25519, HKDF-SHA256) ECH key. Writes an RFC 9934 PEM "
-        "file (mode 0600) and prints the ECHConfigList in base64 as the last line.",
+        description="Generate an ECH key: DHKEM(X25519, HKDF-SHA256) by default, or the "
+        "post-quantum hybrid MLKEM768-X25519 (X-Wing). Writes an RFC 9934 PEM file (mode "
+        "0600) and prints the ECHConfigList in base64 as the last line.",
     )
     keygen.add_argument("--public-name", required=True, help="the client-facing (outer) name")
+    keygen.add_argument(
+        "--kem",
+        choices=sorted(_KEMS),
+        default="x25519",
+        help="HPKE KEM (default x25519; mlkem768-x25519 is post-quantum, publish it "
+        "beside an x25519 key for clients without it)",
+    )
     keygen.add_argument("--config-id", type=_byte, help="config_id 0..255 (default: random)")
     keygen.add_argument(
         "--max-name-length",
@@ -97,7 +117,8 @@ def _parser() -> _Parser:
         "dns",
         help="print the HTTPS resource record that publishes the ECH configs",
         description="Print an HTTPS record (RFC 9460) with the ech SvcParam (RFC 9848) "
-        "holding the configs of the given key files, for a zone file.",
+        "holding the configs of the given key files, for a zone file. Post-quantum configs "
+        "come first, then the others in the order given.",
     )
     dns.add_argument("--name", required=True, help="owner name of the record")
     dns.add_argument("--keys", required=True, nargs="+", type=Path, help="RFC 9934 PEM files")
@@ -123,10 +144,14 @@ def _keygen(args: argparse.Namespace) -> None:
         config_id=args.config_id,
         maximum_name_length=args.max_name_length,
         suites=tuple(args.suite) if args.suite else DEFAULT_SUITES,
+        kem_id=_KEMS[args.kem],
     )
     write_key_file(args.out, [key], overwrite=args.force)
     config_list = encode_config_list([key.config])
-    print(f"wrote {args.out} (config_id {key.config_id}, public_name {key.config.public_name})")
+    print(
+        f"wrote {args.out} (config_id {key.config_id}, public_name {key.config.public_name}, "
+        f"kem {key.config.kem_name})"
+    )
     print(base64.b64encode(config_list).decode("ascii"))
 
 
@@ -140,7 +165,7 @@ def _dns(args: argparse.Namespace) -> None:
     print(
         https_record(
             args.name,
-            encode_config_list(configs),
+            encode_config_list(preference_order(configs)),
             alpn=alpn,
             port=args.port,
             priority=args.priority,

@@ -517,6 +517,42 @@ def resolve_dotted(name: str, where: str) -> Any:
     return value
 
 
+def split_endpoint_description(description: str) -> list[str]:
+    r"""Split a Twisted endpoint string on unescaped colons, unescaping ``\:``."""
+    parts: list[str] = []
+    current = ""
+    escaped = False
+    for char in description:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return parts
+
+
+def tcp_client_address(description: str) -> tuple[str, int] | None:
+    """(host, port) of a plain ``tcp:host=H:port=P`` client endpoint string, else None.
+
+    Strings with other options (``bindAddress``) keep the generic endpoint.
+    """
+    kind, *rest = split_endpoint_description(description)
+    if kind != "tcp":
+        return None
+    options = dict(item.partition("=")[::2] for item in rest)
+    options.pop("timeout", None)  # the backend's connect_timeout applies
+    host, port = options.pop("host", ""), options.pop("port", "")
+    if options or not host or not port.isdigit():
+        return None
+    return host, int(port)
+
+
 def _load_keys(config: Config) -> KeySet:
     keys = []
     for entry in config.keys:
@@ -567,7 +603,12 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
         except Exception as error:  # Twisted raises ValueError, KeyError, TypeError...
             raise ConfigError(f"backends.{name}.endpoint: {error}") from None
         backends[name] = Backend(
-            name, endpoint, backend.endpoint, backend.connect_timeout, backend.proxy_protocol
+            name,
+            endpoint,
+            backend.endpoint,
+            backend.connect_timeout,
+            backend.proxy_protocol,
+            tcp_client_address(backend.endpoint),
         )
 
     def target(text: str) -> Route:

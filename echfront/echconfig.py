@@ -23,12 +23,15 @@ __all__ = [
     "AEAD_EXPORT_ONLY",
     "ECH_VERSION",
     "KDF_HKDF_SHA256",
+    "KEM_MLKEM768_X25519",
     "KEM_X25519_HKDF_SHA256",
+    "POST_QUANTUM_KEMS",
     "ECHConfig",
     "ECHConfigExtension",
     "SymmetricSuite",
     "decode_config_list",
     "encode_config_list",
+    "hex_preview",
     "parse_config_list_text",
     "validate_public_name",
 ]
@@ -38,6 +41,10 @@ ECH_VERSION = 0xFE0D
 
 #: HPKE identifiers (RFC 9180 §7).
 KEM_X25519_HKDF_SHA256 = 0x0020
+#: MLKEM768-X25519, a.k.a. X-Wing (draft-ietf-hpke-pq §3; IANA HPKE KEM 0x647a).
+KEM_MLKEM768_X25519 = 0x647A
+#: KEMs whose shared secret stays secret if X25519 falls to a quantum computer.
+POST_QUANTUM_KEMS = frozenset((KEM_MLKEM768_X25519,))
 KDF_HKDF_SHA256 = 0x0001
 AEAD_AES_128_GCM = 0x0001
 AEAD_AES_256_GCM = 0x0002
@@ -46,6 +53,9 @@ AEAD_CHACHA20_POLY1305 = 0x0003
 AEAD_EXPORT_ONLY = 0xFFFF
 
 _KEM_NAMES = {0x0010: "DHKEM(P-256)", 0x0020: "DHKEM(X25519)", 0x647A: "MLKEM768-X25519"}
+#: Public keys longer than this many bytes are abbreviated in descriptions:
+#: an X25519 key (32) is shown whole, an X-Wing key (1216) is not.
+_SHOWN_KEY_BYTES = 64
 _KDF_NAMES = {1: "HKDF-SHA256", 2: "HKDF-SHA384", 3: "HKDF-SHA512"}
 _AEAD_NAMES = {1: "AES-128-GCM", 2: "AES-256-GCM", 3: "ChaCha20Poly1305", 0xFFFF: "export-only"}
 
@@ -243,7 +253,7 @@ class ECHConfig:
             f"  config_id: {self.config_id}",
             f"  public_name: {self.public_name}",
             f"  kem: {self.kem_name} (0x{self.kem_id:04x})",
-            f"  public_key: {self.public_key.hex()}",
+            f"  public_key: {hex_preview(self.public_key)}",
             "  cipher_suites: " + ", ".join(str(s) for s in self.cipher_suites),
             f"  maximum_name_length: {self.maximum_name_length}",
         ]
@@ -312,6 +322,18 @@ def parse_config_list_text(text: str) -> bytes:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         raise ECHConfigDecodeError("not base64 or hex") from None
+
+
+def hex_preview(data: bytes, limit: int = _SHOWN_KEY_BYTES) -> str:
+    """Hex of ``data``, or for more than ``limit`` bytes its ends and length.
+
+    A post-quantum public key is 1216 bytes (2432 hex digits): whole, it
+    would bury everything else ``echfront inspect`` prints.  The first 16
+    and last 8 bytes are enough to tell keys apart by eye.
+    """
+    if len(data) <= limit:
+        return data.hex()
+    return f"{data[:16].hex()}...{data[-8:].hex()} ({len(data)} bytes)"
 
 
 def validate_public_name(name: str) -> str:

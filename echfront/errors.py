@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_errors -*-
+# -*- test-case-name: tests.test_records -*-
 """Errors, each carrying the TLS alert the front sends for it.
 
 Every problem found in bytes from the network is raised as a subclass of

@@ -308,8 +308,7 @@ class FrontProtocol(Protocol):
         if self._closed:
             return
         self.record.alert = alert
-        self.record.close_reason = reason
-        self.log.debug("refusing {peer}: {reason}", peer=self.record.peer, reason=reason)
+        self.record.close_reason = reason  # reported by the connection's log event
         self.transport.write(alert_record(alert))
         self.close()
 

@@ -18,22 +18,29 @@ per-call work is the KEM's Diffie-Hellman and five HMACs.  Correctness is
 pinned by the RFC 9180 test vectors and by cross-checks against pyhpke,
 an independent implementation, in tests/test_hpke.py.
 
-A KEM is a small object with ``kem_id``, ``enc_length`` and ``decap``; the
-key schedule and AEAD are shared by every KEM, so there is one HPKE code
-path however many KEMs are added.  Every failure, whatever the primitive
-raised (an ``enc`` of the wrong length, a low-order point, an
-authentication failure), becomes :class:`HPKEError`: for ECH they all mean
-"this candidate key did not work".
+A KEM is a small object with ``kem_id``, ``enc_length``, ``load``,
+``generate`` and ``decap``; the key schedule and AEAD are shared by every
+KEM, so there is one HPKE code path however many KEMs are added.  Two are
+here: DHKEM(X25519, HKDF-SHA256) (RFC 9180 §7.1) and the post-quantum
+hybrid MLKEM768-X25519, a.k.a. X-Wing (draft-ietf-hpke-pq §3,
+draft-connolly-cfrg-xwing-kem §5), built on cryptography's ML-KEM-768 and
+X25519 primitives.  Every failure, whatever the primitive raised (an
+``enc`` of the wrong length, a low-order point, an authentication
+failure), becomes :class:`HPKEError`: for ECH they all mean "this
+candidate key did not work".
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -42,8 +49,10 @@ from echfront.echconfig import (
     AEAD_AES_256_GCM,
     AEAD_CHACHA20_POLY1305,
     KDF_HKDF_SHA256,
+    KEM_MLKEM768_X25519,
     KEM_X25519_HKDF_SHA256,
     SymmetricSuite,
+    hex_preview,
 )
 
 __all__ = [
@@ -68,7 +77,7 @@ _AEADS: dict[int, tuple[Callable[[bytes], AESGCM | ChaCha20Poly1305], int]] = {
 }
 _NONCE_LENGTH = 12
 
-SUPPORTED_KEMS = frozenset((KEM_X25519_HKDF_SHA256,))
+SUPPORTED_KEMS = frozenset((KEM_X25519_HKDF_SHA256, KEM_MLKEM768_X25519))
 SUPPORTED_KDFS = frozenset(_KDF_HASHES)
 #: Export-only (0xFFFF) is deliberately absent: it cannot open (checklist CFG-8).
 SUPPORTED_AEADS = frozenset(_AEADS)
@@ -105,6 +114,19 @@ class _KEM(Protocol):
     """What the key schedule needs of a KEM (RFC 9180 §4)."""
 
     kem_id: int
+    #: Nenc: the length of ``enc``.
+    enc_length: int
+
+    def load(self, private_bytes: bytes) -> tuple[object, bytes]:
+        """DeserializePrivateKey: the key object ``decap`` takes, and pkRm.
+
+        :raises ValueError: for a malformed key.
+        """
+        ...
+
+    def generate(self) -> bytes:
+        """A new serialised private key (what :meth:`load` takes)."""
+        ...
 
     def decap(self, enc: bytes, private: object) -> bytes:
         """Return the shared secret; raise ValueError for a bad ``enc``."""
@@ -123,11 +145,24 @@ class _DHKEMX25519:
     """DHKEM(X25519, HKDF-SHA256) Decap (RFC 9180 §4.1, §7.1.3)."""
 
     kem_id = KEM_X25519_HKDF_SHA256
+    enc_length = 32
     #: The KEM's own labels use suite_id = "KEM" || I2OSP(kem_id, 2).
     _SUITE = b"KEM" + KEM_X25519_HKDF_SHA256.to_bytes(2, "big")
     _EAE_PRK = _HPKE_V1 + _SUITE + b"eae_prk"
     #: I2OSP(Nsecret = 32, 2) || "HPKE-v1" || suite_id || "shared_secret"
     _SHARED_SECRET = b"\x00\x20" + _HPKE_V1 + _SUITE + b"shared_secret"
+
+    def load(self, private_bytes: bytes) -> tuple[object, bytes]:
+        """The raw 32-byte scalar (RFC 9180 §7.1.2 SerializePrivateKey)."""
+        if len(private_bytes) != 32:
+            raise ValueError("an X25519 private key is 32 bytes")
+        key = X25519PrivateKey.from_private_bytes(private_bytes)
+        public = key.public_key().public_bytes_raw()
+        return _X25519Private(key, public), public
+
+    def generate(self) -> bytes:
+        """A random X25519 scalar."""
+        return X25519PrivateKey.generate().private_bytes_raw()
 
     def decap(self, enc: bytes, private: object) -> bytes:
         """Decap(enc, skR): DH, then ExtractAndExpand(dh, enc || pkRm)."""
@@ -139,7 +174,76 @@ class _DHKEMX25519:
         return _expand_one_block("sha256", eae_prk, self._SHARED_SECRET + enc + private.public, 32)
 
 
-_KEMS: dict[int, _KEM] = {KEM_X25519_HKDF_SHA256: _DHKEMX25519()}
+@dataclass(frozen=True)
+class _XWingPrivate:
+    """An expanded X-Wing decapsulation key (draft-connolly-cfrg-xwing-kem §5.5.1).
+
+    :ivar combiner_tail: pk_X || XWingLabel, the fixed end of the combiner
+        input, so each Decap hashes one precomputed suffix.
+    """
+
+    mlkem: MLKEM768PrivateKey
+    x25519: X25519PrivateKey
+    combiner_tail: bytes
+
+
+class _MLKEM768X25519:
+    """MLKEM768-X25519 (X-Wing), KEM id 0x647a (draft-ietf-hpke-pq §3).
+
+    The private key is a 32-byte seed; SHAKE256 expands it into the
+    ML-KEM-768 seed d || z and the X25519 scalar.  The public key is
+    pk_M (1184 bytes) || pk_X (32), ``enc`` is ct_M (1088) || ct_X (32),
+    and the shared secret is SHA3-256(ss_M || ss_X || ct_X || pk_X ||
+    XWingLabel) (draft-connolly-cfrg-xwing-kem §5.2-§5.5; Go's
+    crypto/hpke implements the same).  The expansion, which includes the
+    ML-KEM key generation, runs once per key, at load.
+    """
+
+    kem_id = KEM_MLKEM768_X25519
+    enc_length = 1088 + 32
+    _SEED_LENGTH = 32
+    _MLKEM_CIPHERTEXT_LENGTH = 1088
+    #: XWingLabel, the ASCII art \./ over /^\ (draft-connolly-cfrg-xwing-kem §5.3).
+    _LABEL = bytes.fromhex("5c2e2f2f5e5c")
+
+    def load(self, private_bytes: bytes) -> tuple[object, bytes]:
+        """expandDecapsulationKey(sk) (draft-connolly-cfrg-xwing-kem §5.2)."""
+        if len(private_bytes) != self._SEED_LENGTH:
+            raise ValueError("an MLKEM768-X25519 private key is a 32-byte seed")
+        expanded = hashlib.shake_256(private_bytes).digest(96)
+        try:
+            # FIPS 203 seed form d || z, as ML-KEM-768.KeyGen_internal takes.
+            mlkem = MLKEM768PrivateKey.from_seed_bytes(expanded[:64])
+        except UnsupportedAlgorithm as error:
+            raise ValueError(f"ML-KEM-768 is not available here ({error})") from None
+        x25519 = X25519PrivateKey.from_private_bytes(expanded[64:])
+        pk_x = x25519.public_key().public_bytes_raw()
+        public = mlkem.public_key().public_bytes_raw() + pk_x
+        return _XWingPrivate(mlkem, x25519, pk_x + self._LABEL), public
+
+    def generate(self) -> bytes:
+        """GenerateKeyPair's sk = random(32) (draft-connolly-cfrg-xwing-kem §5.2)."""
+        return secrets.token_bytes(self._SEED_LENGTH)
+
+    def decap(self, enc: bytes, private: object) -> bytes:
+        """Decapsulate(ct, sk) (draft-connolly-cfrg-xwing-kem §5.5).
+
+        ML-KEM rejects implicitly: a tampered ct_M yields a pseudorandom
+        ss_M, and the failure shows only at the AEAD.  A low-order ct_X makes
+        the X25519 result all zeros, which cryptography refuses (ValueError)
+        as Go's crypto/ecdh does, so such an ``enc`` fails here as in Go.
+        """
+        assert isinstance(private, _XWingPrivate)
+        ct_m, ct_x = enc[: self._MLKEM_CIPHERTEXT_LENGTH], enc[self._MLKEM_CIPHERTEXT_LENGTH :]
+        ss_m = private.mlkem.decapsulate(ct_m)
+        ss_x = private.x25519.exchange(X25519PublicKey.from_public_bytes(ct_x))
+        return hashlib.sha3_256(ss_m + ss_x + ct_x + private.combiner_tail).digest()
+
+
+_KEMS: dict[int, _KEM] = {
+    KEM_X25519_HKDF_SHA256: _DHKEMX25519(),
+    KEM_MLKEM768_X25519: _MLKEM768X25519(),
+}
 
 
 # -- key schedule ----------------------------------------------------------------
@@ -224,28 +328,32 @@ class RecipientKey:
     __slots__ = ("_info_hashes", "_kem", "_private", "_private_bytes", "kem_id", "public_key")
 
     def __init__(self, kem_id: int, private_bytes: bytes) -> None:
-        """Load a raw private key of ``kem_id`` (32 bytes for X25519).
+        """Load a serialised private key of ``kem_id``.
+
+        That is the raw 32-byte scalar for X25519 and the 32-byte seed for
+        MLKEM768-X25519 (RFC 9180 §7.1.2; draft-ietf-hpke-pq §3).
 
         :raises ValueError: for an unsupported KEM or a malformed key.
         """
-        if kem_id != KEM_X25519_HKDF_SHA256:
+        kem = _KEMS.get(kem_id)
+        if kem is None:
             raise ValueError(f"unsupported KEM 0x{kem_id:04x}")
-        if len(private_bytes) != 32:
-            raise ValueError("an X25519 private key is 32 bytes")
-        key = X25519PrivateKey.from_private_bytes(private_bytes)
+        self._private, self.public_key = kem.load(bytes(private_bytes))
         self.kem_id = kem_id
-        self.public_key = key.public_key().public_bytes_raw()
-        self._kem = _KEMS[kem_id]
-        self._private = _X25519Private(key, self.public_key)
+        self._kem = kem
         self._private_bytes = bytes(private_bytes)
         self._info_hashes: dict[tuple[int, int, bytes], bytes] = {}
 
     @classmethod
     def generate(cls, kem_id: int = KEM_X25519_HKDF_SHA256) -> RecipientKey:
-        """Generate a new key pair for ``kem_id``."""
-        if kem_id != KEM_X25519_HKDF_SHA256:
+        """Generate a new key pair for ``kem_id``.
+
+        :raises ValueError: for an unsupported KEM.
+        """
+        kem = _KEMS.get(kem_id)
+        if kem is None:
             raise ValueError(f"unsupported KEM 0x{kem_id:04x}")
-        return cls(kem_id, X25519PrivateKey.generate().private_bytes_raw())
+        return cls(kem_id, kem.generate())
 
     @property
     def private_bytes(self) -> bytes:
@@ -256,11 +364,17 @@ class RecipientKey:
         """SetupBaseR(enc, skR, info) (RFC 9180 §5.1.1).
 
         :raises HPKEError: for an unsupported suite or an invalid ``enc``
-            (wrong length, low-order point: RFC 9180 §7.1.4).
+            (wrong length, low-order point: RFC 9180 §7.1.4).  The KEM is
+            the key's; only the KDF and AEAD come from the client.
         """
         suite = _SUITES.get((self.kem_id, kdf_id, aead_id))
         if suite is None:
             raise HPKEError(f"unsupported HPKE suite 0x{kdf_id:04x}/0x{aead_id:04x}")
+        if len(enc) != self._kem.enc_length:
+            # Checked before any public-key work: an enc sized for another
+            # KEM, or truncated, costs nothing (ECHClientHello.enc is
+            # <0..2^16-1>, so its length is the client's choice).
+            raise HPKEError(f"enc is {len(enc)} bytes, not {self._kem.enc_length}")
         try:
             shared_secret = self._kem.decap(enc, self._private)
         except ValueError as error:  # wrong length, low-order point
@@ -284,4 +398,4 @@ class RecipientKey:
 
     def __repr__(self) -> str:
         """Never show the private key."""
-        return f"<RecipientKey kem=0x{self.kem_id:04x} public={self.public_key.hex()}>"
+        return f"<RecipientKey kem=0x{self.kem_id:04x} public={hex_preview(self.public_key)}>"

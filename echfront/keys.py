@@ -9,9 +9,22 @@ ECH builds, and by Go's ``tls.Config.EncryptedClientHelloKeys`` after
 parsing, so keys move freely between echfront and those servers.
 
 Each loaded key has a role: *published* keys are what clients should use
-now and are sent as ``retry_configs`` (RFC 9849 §7.1); *decrypt-only* keys
-are older keys kept so that clients holding a cached config still succeed
-(§4.1, checklist CFG-5).
+now: they go into DNS (``echfront dns``), ``/.well-known/origin-svcb``, and
+the ``retry_configs`` list (RFC 9849 §7.1) that an ECH-capable public-name
+terminator sends; *decrypt-only* keys are older keys kept so that clients
+holding a cached config still succeed (§4.1, checklist CFG-5).  echfront
+itself cannot send ``retry_configs`` when it terminates the public name
+(pyOpenSSL has no ECH API; see docs/security.rst).
+
+Two KEMs are supported: DHKEM(X25519, HKDF-SHA256) and the post-quantum
+hybrid MLKEM768-X25519 (X-Wing, draft-ietf-hpke-pq).  An X-Wing private key
+is stored as PKCS#8 (RFC 5958 OneAsymmetricKey, version 0) with the
+algorithm id-XWing, OID 1.3.6.1.4.1.62253.25722 with absent parameters,
+and the 32-byte seed as the privateKey OCTET STRING, exactly as
+draft-connolly-cfrg-xwing-kem §5.8.2 and its Appendix D specify.  Neither
+OpenSSL 4.0 nor Go's crypto/x509 parses that OID, so this module reads and
+writes it itself; the encoding is fixed-length, so it is one 22-byte DER
+prefix and the seed.
 """
 
 from __future__ import annotations
@@ -34,6 +47,9 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from echfront.echconfig import (
+    KEM_MLKEM768_X25519,
+    KEM_X25519_HKDF_SHA256,
+    POST_QUANTUM_KEMS,
     ECHConfig,
     ECHConfigExtension,
     SymmetricSuite,
@@ -42,7 +58,13 @@ from echfront.echconfig import (
     validate_public_name,
 )
 from echfront.errors import ConfigError
-from echfront.hpke import DEFAULT_SUITES, SUPPORTED_AEADS, SUPPORTED_KDFS, RecipientKey
+from echfront.hpke import (
+    DEFAULT_SUITES,
+    SUPPORTED_AEADS,
+    SUPPORTED_KDFS,
+    SUPPORTED_KEMS,
+    RecipientKey,
+)
 
 __all__ = [
     "ECH_INFO_PREFIX",
@@ -51,12 +73,20 @@ __all__ = [
     "dump_pem",
     "generate_key",
     "load_pem",
+    "preference_order",
     "read_key_file",
     "write_key_file",
 ]
 
 #: RFC 9849 §6.1 / §7.1: HPKE info is "tls ech" || 0x00 || ECHConfig.
 ECH_INFO_PREFIX = b"tls ech\x00"
+
+#: DER of an X-Wing OneAsymmetricKey up to the seed: SEQUENCE (52 bytes) {
+#: INTEGER 0, SEQUENCE { OID 1.3.6.1.4.1.62253.25722 }, OCTET STRING (32 bytes)
+#: } (draft-connolly-cfrg-xwing-kem §5.8.2, Appendix D).  DER is canonical and
+#: the draft forbids parameters and the publicKey field, so a valid key is
+#: exactly this prefix and 32 bytes.
+_XWING_PKCS8_PREFIX = bytes.fromhex("3034020100300d060b2b0601040183e62d81c87a0420")
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)\s*-----END ([A-Z0-9 ]+)-----", re.DOTALL
@@ -69,9 +99,9 @@ class ECHKey:
 
     :ivar config: the ECHConfig clients encrypt to.
     :ivar recipient: the HPKE private key; None for a config that is only
-        passed on as a retry config (its key lives elsewhere).
-    :ivar published: sent in ``retry_configs`` and in published lists;
-        False for decrypt-only keys kept for clients with cached configs.
+        published (its key lives on another server).
+    :ivar published: advertised (DNS, origin-svcb, the retry list); False
+        for decrypt-only keys kept for clients with cached configs.
     :ivar source: where it came from (a file path), for messages.
     :ivar info: the HPKE ``info`` for this config, precomputed.
     """
@@ -109,17 +139,23 @@ def generate_key(
     suites: Sequence[SymmetricSuite] = DEFAULT_SUITES,
     taken_ids: Iterable[int] = (),
     extensions: Sequence[ECHConfigExtension] = (),
+    kem_id: int = KEM_X25519_HKDF_SHA256,
 ) -> ECHKey:
-    """Generate a DHKEM(X25519, HKDF-SHA256) key and its ECHConfig (RFC 9849 §4).
+    """Generate an ECH key and its ECHConfig (RFC 9849 §4).
 
+    :param kem_id: DHKEM(X25519, HKDF-SHA256) (0x0020, the default, which
+        every ECH client supports) or MLKEM768-X25519 (0x647a,
+        post-quantum; draft-ietf-hpke-pq).
     :param config_id: a fixed id, or None to pick a random id not in
         ``taken_ids`` (RFC 9849 §4.1 recommends random ids, distinct among
         the keys a server holds; checklist CFG-6).
     :param maximum_name_length: longest inner name clients should pad to;
         0 when unknown (§4, CFG-4).
-    :raises ConfigError: for a bad public name, an exhausted id space or
-        an unsupported suite.
+    :raises ConfigError: for a bad public name, an exhausted id space, or
+        an unsupported KEM or suite.
     """
+    if kem_id not in SUPPORTED_KEMS:
+        raise ConfigError(f"unsupported KEM 0x{kem_id:04x}")
     name = validate_public_name(public_name)
     taken = set(taken_ids)
     if config_id is None:
@@ -138,7 +174,10 @@ def generate_key(
     for suite in suites:
         if suite.kdf_id not in SUPPORTED_KDFS or suite.aead_id not in SUPPORTED_AEADS:
             raise ConfigError(f"unsupported cipher suite {suite}")
-    recipient = RecipientKey.generate()
+    try:
+        recipient = RecipientKey.generate(kem_id)
+    except ValueError as error:  # a cryptography build without ML-KEM
+        raise ConfigError(str(error)) from None
     config = ECHConfig(
         config_id=config_id,
         kem_id=recipient.kem_id,
@@ -149,6 +188,26 @@ def generate_key(
         extensions=tuple(extensions),
     )
     return ECHKey(config, recipient)
+
+
+def preference_order(configs: Iterable[ECHConfig]) -> list[ECHConfig]:
+    """Post-quantum configs first, each group in the order given.
+
+    An ECHConfigList lists configs "in decreasing order of preference"
+    (RFC 9849 §4), and clients take the first one they support (Go's
+    ``pickECHConfig``, BoringSSL's ``ssl_select_ech_config``).  A front that
+    holds a post-quantum key always prefers it: clients without
+    MLKEM768-X25519 skip it and use the X25519 config after it, while a
+    client that supports both but sees X25519 first would never use the
+    post-quantum one.  So the order is enforced here rather than left to
+    the order of key files in a configuration.
+    """
+    return sorted(configs, key=_classical)
+
+
+def _classical(config: ECHConfig) -> bool:
+    """Sort key of :func:`preference_order`: False (first) for post-quantum KEMs."""
+    return config.kem_id not in POST_QUANTUM_KEMS
 
 
 def _pem(label: str, der: bytes) -> bytes:
@@ -172,9 +231,16 @@ def dump_pem(keys: Sequence[ECHKey]) -> bytes:
         raise ValueError("an RFC 9934 file holds at most one private key")
     out = b""
     if recipient is not None:
-        private = X25519PrivateKey.from_private_bytes(recipient.private_bytes)
-        out += private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        out += _private_pem(recipient)
     return out + _pem("ECHCONFIG", encode_config_list(k.config for k in keys))
+
+
+def _private_pem(recipient: RecipientKey) -> bytes:
+    """The PKCS#8 PRIVATE KEY block of a key (see the module docstring)."""
+    if recipient.kem_id == KEM_MLKEM768_X25519:
+        return _pem("PRIVATE KEY", _XWING_PKCS8_PREFIX + recipient.private_bytes)
+    private = X25519PrivateKey.from_private_bytes(recipient.private_bytes)
+    return private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
 
 
 def load_pem(data: bytes, *, source: str = "", published: bool = True) -> list[ECHKey]:
@@ -245,6 +311,15 @@ def _b64(body: bytes, where: str) -> bytes:
 
 
 def _load_private(begin: bytes, body: bytes, where: str) -> RecipientKey:
+    der = _b64(body, where)
+    if der.startswith(_XWING_PKCS8_PREFIX):
+        # The prefix's SEQUENCE length already fixes the total at 54 bytes.
+        if len(der) != len(_XWING_PKCS8_PREFIX) + 32:
+            raise ConfigError(f"{where}: malformed MLKEM768-X25519 (X-Wing) private key")
+        try:
+            return RecipientKey(KEM_MLKEM768_X25519, der[len(_XWING_PKCS8_PREFIX) :])
+        except ValueError as error:  # a cryptography build without ML-KEM
+            raise ConfigError(f"{where}: {error}") from None
     pem = b"-----BEGIN " + begin + b"-----\n" + body + b"\n-----END " + begin + b"-----\n"
     try:
         key = load_pem_private_key(pem, password=None)
@@ -253,8 +328,11 @@ def _load_private(begin: bytes, body: bytes, where: str) -> RecipientKey:
         detail = " ".join(str(error).split())[:160]
         raise ConfigError(f"{where}: unreadable private key ({detail})") from None
     if not isinstance(key, X25519PrivateKey):
-        raise ConfigError(f"{where}: private key is not X25519 (DHKEM(X25519, HKDF-SHA256))")
-    return RecipientKey(0x0020, key.private_bytes_raw())
+        raise ConfigError(
+            f"{where}: private key is neither X25519 nor X-Wing "
+            "(DHKEM(X25519, HKDF-SHA256) or MLKEM768-X25519)"
+        )
+    return RecipientKey(KEM_X25519_HKDF_SHA256, key.private_bytes_raw())
 
 
 def read_key_file(path: str | os.PathLike[str], *, published: bool = True) -> list[ECHKey]:
@@ -332,7 +410,7 @@ class KeySet:
     in progress keep the set they started with.
     """
 
-    __slots__ = ("_by_id", "_decrypting", "_retry_config_list", "keys")
+    __slots__ = ("_by_id", "_decrypting", "_published", "_retry_config_list", "keys")
 
     def __init__(self, keys: Iterable[ECHKey] = ()) -> None:
         """Index ``keys``; retry-only configs (no private key) are never candidates."""
@@ -343,7 +421,10 @@ class KeySet:
                 by_id.setdefault(key.config_id, []).append(key)
         self._by_id = {cid: tuple(found) for cid, found in by_id.items()}
         self._decrypting = tuple(k for k in self.keys if k.recipient is not None)
-        published = [k.config for k in self.keys if k.published]
+        self._published = tuple(
+            sorted((k for k in self.keys if k.published), key=lambda k: _classical(k.config))
+        )
+        published = [k.config for k in self._published]
         self._retry_config_list = encode_config_list(published) if published else None
 
     def __len__(self) -> int:
@@ -365,12 +446,19 @@ class KeySet:
 
     @property
     def published(self) -> tuple[ECHKey, ...]:
-        """Keys whose configs are published and sent as retry configs."""
-        return tuple(k for k in self.keys if k.published)
+        """Keys whose configs are advertised (DNS, origin-svcb, the retry list).
+
+        In :func:`preference_order`: post-quantum configs first.
+        """
+        return self._published
 
     @property
     def retry_config_list(self) -> bytes | None:
-        """The ECHConfigList of published configs, or None if there are none."""
+        """The ECHConfigList of :attr:`published` configs, or None if there are none.
+
+        Also what ``/.well-known/origin-svcb`` serves: one list, post-quantum
+        configs first, so every client finds the best config it supports.
+        """
         return self._retry_config_list
 
     @property

@@ -17,7 +17,12 @@ visible on the wire anyway and are logged.  Keys never reach a log: no
 event carries key material, and key objects do not print it.
 
 ``twistd --logger=echfront.logs.json_observer`` writes every event, these
-and Twisted's own, as one JSON object per line on standard output.
+and Twisted's own, as one JSON object per line on standard output;
+``twistd --logger=echfront.logs.text_observer`` writes the usual text lines.
+Both buffer: twistd's default observer flushes a write per event, which at
+thousands of connections per second is a large share of the front's CPU;
+these flush at most every half second (and at 64 KiB, at every error, and
+at shutdown), so a line is late by at most that much.
 """
 
 from __future__ import annotations
@@ -26,16 +31,25 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from twisted.logger import FileLogObserver, Logger, LogLevel, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from zope.interface import implementer
 
 from echfront.decoder import ECHStatus
 
 if TYPE_CHECKING:
     from echfront.front import ConnectionRecord
 
-__all__ = ["CONNECTION_FIELDS", "connection_event_fields", "json_observer", "log_connection"]
+__all__ = [
+    "CONNECTION_FIELDS",
+    "BufferedFileLogObserver",
+    "connection_event_fields",
+    "json_observer",
+    "log_connection",
+    "text_observer",
+]
 
 _log = Logger(namespace="echfront.connection")
 
@@ -84,8 +98,10 @@ def connection_event_fields(
 def log_connection(record: ConnectionRecord, now: float, *, log_server_names: bool) -> None:
     """Emit the connection's event (level info); ``now`` is on the record's clock."""
     fields = connection_event_fields(record, now, log_server_names=log_server_names)
-    text = " ".join(f"{name}={{{name}}}" for name in CONNECTION_FIELDS if name in fields)
-    _log.info("connection " + text, echfront_connection=True, **fields)
+    # Rendered here once: a format string with a dozen fields would be parsed
+    # again by every text observer, for every connection.
+    text = " ".join(f"{name}={fields[name]}" for name in CONNECTION_FIELDS if name in fields)
+    _log.info("connection {text}", text=text, echfront_connection=True, **fields)
 
 
 _SKIP = frozenset(
@@ -106,6 +122,7 @@ _SKIP = frozenset(
         "system",
         "isError",
         "echfront_connection",
+        "text",
     )
 )
 
@@ -128,6 +145,89 @@ def _json_event(event: dict[str, Any]) -> str:
     return json.dumps(record, default=str) + "\n"
 
 
-def json_observer(stream: IO[str] | None = None) -> FileLogObserver:
+_time_cache: list[Any] = [-1, ""]
+
+
+def _text_event(event: dict[str, Any]) -> str:
+    """One log event as a text line: ``<UTC time> [<namespace>#<level>] <text>``."""
+    when = int(event.get("log_time", time.time()))
+    if when != _time_cache[0]:
+        _time_cache[:] = [when, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))]
+    level = event.get("log_level")
+    level_name = level.name if isinstance(level, type(LogLevel.info)) else "info"
+    text = formatEvent(event).replace("\n", "\n\t")
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n\t" + failure.getTraceback().rstrip().replace("\n", "\n\t")
+    return f"{_time_cache[1]} [{event.get('log_namespace', '-')}#{level_name}] {text}\n"
+
+
+@implementer(ILogObserver)
+class BufferedFileLogObserver:
+    """Write formatted events to a stream in batches (see the module docstring).
+
+    :param clock: the reactor, for the flush timer; the global one if None
+        (observers are made by twistd before any service exists).
+    """
+
+    FLUSH_SECONDS = 0.5
+    FLUSH_BYTES = 64 * 1024
+
+    def __init__(
+        self,
+        stream: IO[str],
+        format_event: Callable[[dict[str, Any]], str],
+        clock: Any = None,
+    ) -> None:
+        """Format with ``format_event`` and write to ``stream``."""
+        self._stream = stream
+        self._format = format_event
+        self._clock = clock
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: Any = None
+        self._shutdown_hooked = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Buffer one event; flush when due."""
+        line = self._format(event)
+        self._lines.append(line)
+        self._size += len(line)
+        level = event.get("log_level")
+        urgent = level is not None and level >= LogLevel.error
+        if urgent or self._size >= self.FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        clock = self._clock
+        if clock is None:
+            from twisted.internet import reactor  # noqa: PLC0415 (installed after observers)
+
+            clock = self._clock = reactor
+        if not self._shutdown_hooked and hasattr(clock, "addSystemEventTrigger"):
+            clock.addSystemEventTrigger("after", "shutdown", self.flush)
+            self._shutdown_hooked = True
+        self._timer = clock.callLater(self.FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Write everything buffered."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._lines:
+            self._stream.write("".join(self._lines))
+            self._lines.clear()
+            self._size = 0
+            self._stream.flush()
+
+
+def json_observer(stream: IO[str] | None = None) -> BufferedFileLogObserver:
     """A log observer writing JSON lines (use with ``twistd --logger=``)."""
-    return FileLogObserver(stream if stream is not None else sys.stdout, _json_event)
+    return BufferedFileLogObserver(stream if stream is not None else sys.stdout, _json_event)
+
+
+def text_observer(stream: IO[str] | None = None) -> BufferedFileLogObserver:
+    """A log observer writing text lines, buffered (use with ``twistd --logger=``)."""
+    return BufferedFileLogObserver(stream if stream is not None else sys.stdout, _text_event)

@@ -98,7 +98,8 @@ class Metrics:
         )
         self.relayed_bytes = Counter(
             "echfront_relayed_bytes_total",
-            "Bytes relayed between clients and backends.",
+            "Bytes between clients and their target (a backend, or a local service) "
+            "after the first flight.",
             ("direction",),
             registry=r,
         )
@@ -120,24 +121,35 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        self._key_labels: set[tuple[str, str, str, str]] = set()
         self.key_info = Gauge(
             "echfront_ech_key_info",
-            "ECH configs in service (value 1), by config_id, KEM and role.",
+            "ECH configs in service (1) or retired since start (0), by config_id, KEM and role.",
             ("config_id", "kem", "public_name", "published"),
             registry=r,
             multiprocess_mode="max",
         )
 
     def set_keys(self, keys: KeySet) -> None:
-        """Describe the key set in service (after start and every reload)."""
-        self.key_info.clear()
-        for key in keys.keys:
-            self.key_info.labels(
+        """Describe the key set in service (after start and every reload).
+
+        Configs that left service drop to 0 rather than being removed:
+        multiprocess mode (``--workers``) cannot remove series.
+        """
+        current = {
+            (
                 str(key.config_id),
                 key.config.kem_name,
                 key.config.public_name,
                 "true" if key.published else "false",
-            ).set(1)
+            )
+            for key in keys.keys
+        }
+        for labels in self._key_labels - current:
+            self.key_info.labels(*labels).set(0)
+        for labels in current:
+            self.key_info.labels(*labels).set(1)
+        self._key_labels = current
 
     def closed(self, record: ConnectionRecord) -> None:
         """Count a finished connection."""

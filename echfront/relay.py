@@ -28,12 +28,18 @@ metrics read.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.internet.interfaces import (
+    IConnector,
+    IHalfCloseableDescriptor,
+    IHalfCloseableProtocol,
+    IReactorTCP,
+)
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -72,8 +78,14 @@ class _BackendProtocol(Protocol):
 
     transport: StreamTransport  # type: ignore[assignment]
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, *, announce: bool = False) -> None:
         self.relay = relay
+        self._announce = announce
+
+    def connectionMade(self) -> None:
+        """With a plain connector (no endpoint Deferred), tell the relay here."""
+        if self._announce:
+            self.relay.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
         """Until connected to the relay's inspection, pass bytes to it."""
@@ -99,6 +111,26 @@ class _BackendFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> _BackendProtocol:  # type: ignore[override]
         return _BackendProtocol(self.relay)
+
+
+class _DirectFactory(ClientFactory):
+    """For ``tcp:`` backends: ``reactor.connectTCP`` without endpoint layers.
+
+    The endpoint path costs a Deferred chain per connection and a wrapping
+    protocol that adds a Python call to every backend read; for the plain
+    TCP backends most deployments use, the connector does the same job.
+    """
+
+    noisy = False
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def buildProtocol(self, addr: IAddress) -> _BackendProtocol:  # type: ignore[override]
+        return _BackendProtocol(self.relay, announce=True)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.relay.connect_failed(reason)
 
 
 def _timed_out(result: object, timeout: float) -> object:
@@ -163,7 +195,7 @@ class Relay:
         self.info = info
         self.backend = backend
         self.clock = clock
-        self._connecting: Deferred[_BackendProtocol] | None = None
+        self._cancel_connect: Callable[[], object] | None = None
         self._connect_started = 0.0
         self._peer: _BackendProtocol | None = None
         self._client_eof = False
@@ -178,33 +210,44 @@ class Relay:
 
     def connect(self) -> None:
         """Connect to the backend; the client stays paused until then."""
+        self._connect_started = self.clock.seconds()
+        address = self.backend.address
+        if address is not None and IReactorTCP.providedBy(self.clock):
+            connector = cast(IReactorTCP, self.clock).connectTCP(
+                address[0], address[1], _DirectFactory(self), timeout=self.backend.connect_timeout
+            )
+            self._cancel_connect = connector.stopConnecting
+            return
         d: Deferred[_BackendProtocol] = self.backend.endpoint.connect(  # type: ignore[assignment]
             _BackendFactory(self)
         )
         d.addTimeout(self.backend.connect_timeout, self.clock, onTimeoutCancel=_timed_out)
-        self._connect_started = self.clock.seconds()
-        self._connecting = d
-        d.addCallbacks(self._connected, self._connect_failed)
+        self._cancel_connect = d.cancel
+        d.addCallbacks(self.connected, self.connect_failed)
 
-    def _connect_failed(self, failure: Failure) -> None:
-        self._connecting = None
+    def connect_failed(self, failure: Failure) -> None:
+        """The backend could not be reached: tell the client with an alert."""
+        self._cancel_connect = None
         if self._done:
             return
         if failure.check(CancelledError):
             return  # the client went away first
-        if failure.check(TimeoutError):
+        if failure.check(TimeoutError, ConnectTimeoutError):
             kind, reason = "timeout", "backend connect timed out"
         else:
             kind = "refused" if failure.check(ConnectionRefusedError) else "error"
             reason = f"backend connect failed: {failure.getErrorMessage()}"
-        if not failure.check(ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError):
+        if not failure.check(
+            ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError, ConnectTimeoutError
+        ):
             self.log.failure("unexpected backend connect failure", failure)
         self.front.factory.metrics.backend_failures.labels(self.backend.name, kind).inc()
         self.log.info("{backend}: {reason}", backend=self.backend.name, reason=reason)
         self.front.send_alert(AlertDescription.INTERNAL_ERROR, reason)
 
-    def _connected(self, peer: _BackendProtocol) -> None:
-        self._connecting = None
+    def connected(self, peer: _BackendProtocol) -> None:
+        """The backend connection is up: send the first flight and start relaying."""
+        self._cancel_connect = None
         if self._done:
             peer.transport.abortConnection()
             return
@@ -377,10 +420,23 @@ class Relay:
                 self._peer.transport.loseConnection()
 
     def backend_lost(self, reason: Failure) -> None:
-        """The backend is gone: close the client after what is already queued."""
+        """The backend is gone: close the client after what is already queued.
+
+        A backend that goes away before sending a single byte (it refused the
+        ClientHello, or a ``tls:`` link to it failed its certificate check)
+        has told the client nothing, so the front says internal_error rather
+        than closing silently.
+        """
         if self._done:
             return
         self._done = True
+        if self.front.record.bytes_to_client == 0 and not self._backend_eof:
+            self.front.factory.metrics.backend_failures.labels(self.backend.name, "closed").inc()
+            self.front.send_alert(
+                AlertDescription.INTERNAL_ERROR,
+                f"backend closed before answering: {reason.getErrorMessage()}",
+            )
+            return
         if self.front.record.close_reason == "":
             self.front.record.close_reason = "backend closed"
         self.front.transport.loseConnection()
@@ -388,15 +444,15 @@ class Relay:
     def client_lost(self, reason: Failure) -> None:
         """The client is gone: stop connecting, or close the backend gently."""
         self._done = True
-        if self._connecting is not None:
-            self._connecting.cancel()
+        if self._cancel_connect is not None:
+            self._cancel_connect()
         elif self._peer is not None:
             self._peer.transport.loseConnection()
 
     def abort(self) -> None:
         """Drop the backend side at once (the front refuses or timed out)."""
         self._done = True
-        if self._connecting is not None:
-            self._connecting.cancel()
+        if self._cancel_connect is not None:
+            self._cancel_connect()
         elif self._peer is not None:
             self._peer.transport.abortConnection()

@@ -43,6 +43,8 @@ class Backend:
     :ivar description: the endpoint string, for logs.
     :ivar connect_timeout: seconds to wait for the connection.
     :ivar proxy_protocol: 0 (none), 1 or 2: send a PROXY protocol header first.
+    :ivar address: (host, port) when the endpoint is a plain ``tcp:`` one;
+        the relay then connects with the reactor's connectTCP directly.
     """
 
     name: str
@@ -50,6 +52,7 @@ class Backend:
     description: str = ""
     connect_timeout: float = 10.0
     proxy_protocol: int = 0
+    address: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -110,7 +110,7 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def opt_ech_key(self, path: str) -> None:
-        """Load an RFC 9934 ECH key file, published as a retry config (repeatable)."""
+        """Load an RFC 9934 ECH key file; its configs are published (repeatable)."""
         self["ech_keys"].append(path)
 
     def opt_route(self, spec: str) -> None:
@@ -165,8 +165,9 @@ def _file_and_flags(options: Options) -> Config:
     if options["routes"]:
         backends = dict(config.backends)
         routes = list(config.routes)
-        for index, (name, endpoint) in enumerate(options["routes"]):
-            backend = f"route{index + 1}"
+        for name, endpoint in options["routes"]:
+            # A name no [backends.X] table can have (TOML bare keys have no ':').
+            backend = f"route:{name}"
             backends[backend] = BackendConfig(backend, endpoint)
             routes.append(RouteConfig(name, f"backend:{backend}"))
         config = replace(config, backends=backends, routes=tuple(routes))

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 
+from echfront.config import split_endpoint_description
 from echfront.errors import ConfigError
 
 __all__ = [
@@ -65,26 +66,6 @@ def worker_index() -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-def _split_description(description: str) -> list[str]:
-    r"""Split an endpoint string on unescaped colons, unescaping ``\:``."""
-    parts: list[str] = []
-    current = ""
-    escaped = False
-    for char in description:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
 @dataclass(frozen=True)
 class TCPListen:
     """A parsed ``tcp:`` or ``tcp6:`` server endpoint description."""
@@ -101,7 +82,7 @@ def parse_tcp_description(description: str) -> TCPListen | None:
     :returns: None for any other endpoint type.
     :raises ConfigError: for a malformed tcp description.
     """
-    kind, *rest = _split_description(description)
+    kind, *rest = split_endpoint_description(description)
     if kind not in ("tcp", "tcp6"):
         return None
     options: dict[str, str] = {}
@@ -159,7 +140,7 @@ def shared_listeners(descriptions: Sequence[str]) -> list[Listener]:
         if tcp is not None:
             plan.append(Listener(description, tcp=tcp))
             continue
-        kind, *rest = _split_description(description)
+        kind, *rest = split_endpoint_description(description)
         if kind == "unix":
             path = next((p.partition("=")[2] for p in rest if p.startswith("address=")), None)
             path = path or (rest[0] if rest and "=" not in rest[0] else None)

@@ -174,3 +174,68 @@ def test_inspect_accepts_pem_base64_hex_and_binary(
     (key,) = read_key_file(pem)
     assert key.recipient is not None
     assert key.recipient.private_bytes.hex() not in out
+
+
+def test_keygen_post_quantum_kem(tmp_path: Path) -> None:
+    out = tmp_path / "pq.pem"
+    result = run(
+        "keygen", "--public-name", "p.example", "--kem", "mlkem768-x25519", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "kem MLKEM768-X25519" in result.stdout.splitlines()[0]
+    (key,) = read_key_file(out)
+    assert key.config.kem_id == 0x647A
+    assert len(key.config.public_key) == 1216
+    printed = decode_config_list(base64.b64decode(result.stdout.strip().splitlines()[-1]))
+    assert printed.configs == (key.config,)
+
+
+def test_keygen_default_kem_is_x25519(tmp_path: Path) -> None:
+    out = tmp_path / "k.pem"
+    assert main(["keygen", "--public-name", "p.example", "--out", str(out)]) == 0
+    (key,) = read_key_file(out)
+    assert key.config.kem_id == 0x0020
+
+
+def test_keygen_unknown_kem(tmp_path: Path) -> None:
+    result = run(
+        "keygen", "--public-name", "p.example", "--kem", "kyber", "--out", str(tmp_path / "k")
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'kyber'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "k").exists()
+
+
+def test_dns_lists_post_quantum_configs_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    classic, pq = tmp_path / "x25519.pem", tmp_path / "pq.pem"
+    for path, kem, config_id in ((classic, "x25519", "1"), (pq, "mlkem768-x25519", "2")):
+        args = ["keygen", "--public-name", "p.example", "--kem", kem, "--config-id", config_id]
+        assert main([*args, "--out", str(path)]) == 0
+    capsys.readouterr()
+    # The X25519 file first on the command line; the record still leads with PQ.
+    assert main(["dns", "--name", "secret.example", "--keys", str(classic), str(pq)]) == 0
+    line = capsys.readouterr().out.strip()
+    ech = base64.b64decode(line.partition(' ech="')[2].rstrip('"'))
+    configs = decode_config_list(ech).configs
+    assert [(c.config_id, c.kem_id) for c in configs] == [(2, 0x647A), (1, 0x0020)]
+    # Over 512 bytes on the wire: the docs' EDNS/TCP note applies.
+    assert len(ech) > 1216 + 32
+
+
+def test_inspect_post_quantum_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pem = tmp_path / "pq.pem"
+    args = ["keygen", "--public-name", "p.example", "--kem", "mlkem768-x25519", "--config-id", "3"]
+    assert main([*args, "--out", str(pem)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(pem)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  kem: MLKEM768-X25519 (0x647a)" in lines
+    (shown,) = [line for line in lines if line.startswith("  public_key: ")]
+    assert shown.endswith("(1216 bytes)") and len(shown) < 100
+    (key,) = read_key_file(pem)
+    assert key.config.public_key[:16].hex() in shown
+    assert key.recipient is not None
+    assert key.recipient.private_bytes.hex() not in "\n".join(lines)

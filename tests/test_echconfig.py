@@ -20,6 +20,7 @@ from echfront.echconfig import (
     SymmetricSuite,
     decode_config_list,
     encode_config_list,
+    hex_preview,
     parse_config_list_text,
     validate_public_name,
 )
@@ -328,6 +329,24 @@ def test_constructor_range_checks() -> None:
         args.update(kwargs)
         with pytest.raises(ValueError):
             ECHConfig(**args)
+
+
+def test_hex_preview() -> None:
+    assert hex_preview(bytes(range(32))) == bytes(range(32)).hex()
+    assert hex_preview(bytes(64)) == "00" * 64
+    key = bytes(range(256)) * 4 + bytes(range(192))  # 1216 bytes, like X-Wing's
+    assert hex_preview(key) == ("000102030405060708090a0b0c0d0e0f...b8b9babbbcbdbebf (1216 bytes)")
+
+
+def test_describe_shows_a_short_key_whole_and_a_long_one_abbreviated() -> None:
+    suite = (SymmetricSuite(1, 1),)
+    short = ECHConfig(1, 0x0020, bytes(range(32)), suite, 0, "a.example").describe()
+    assert f"  public_key: {bytes(range(32)).hex()}" in short.splitlines()
+    assert "  kem: DHKEM(X25519) (0x0020)" in short.splitlines()
+    long = ECHConfig(2, 0x647A, bytes(1216), suite, 0, "a.example").describe()
+    assert "  kem: MLKEM768-X25519 (0x647a)" in long.splitlines()
+    assert f"  public_key: {'00' * 16}...{'00' * 8} (1216 bytes)" in long.splitlines()
+    assert max(len(line) for line in long.splitlines()) < 100
 
 
 def test_encode_config_list_bounds() -> None:

@@ -114,6 +114,7 @@ class FrontTestCase(SynchronousTestCase):
     ) -> tuple[Pipe, FrontProtocol, RecordingServer]:
         """Accept one client connection; the client is a recording protocol."""
         front = factory.buildProtocol(CLIENT_ADDRESS)
+        assert front is not None
         client = RecordingServer()
         pipe = self.net.connect(client, front, server_read=read_size)
         return pipe, front, client

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from echfront.hpke import (
     SUPPORTED_AEADS,
     SUPPORTED_KDFS,
+    SUPPORTED_KEMS,
     HPKEError,
     RecipientKey,
 )
@@ -85,10 +86,25 @@ def test_wrong_info_fails_to_open() -> None:
 def test_key_validation() -> None:
     with pytest.raises(ValueError, match="unsupported KEM"):
         RecipientKey(0x0010, RFC_SKR)
+    with pytest.raises(ValueError, match="unsupported KEM"):
+        RecipientKey.generate(0x0010)
     with pytest.raises(ValueError, match="32 bytes"):
         RecipientKey(0x0020, RFC_SKR[:31])
     key = RecipientKey.generate()
+    assert key.kem_id == 0x0020
     assert key.private_bytes.hex() not in repr(key)
+    assert key.public_key.hex() in repr(key)  # 32 bytes: shown whole
+
+
+def test_supported_kems() -> None:
+    # DHKEM(X25519, HKDF-SHA256) and MLKEM768-X25519 (tests/test_pq.py).
+    assert frozenset({0x0020, 0x647A}) == SUPPORTED_KEMS
+
+
+def test_enc_of_another_kems_length_is_refused_before_the_kem() -> None:
+    # An X-Wing-sized enc sent to an X25519 key: the length check names it.
+    with pytest.raises(HPKEError, match="enc is 1120 bytes, not 32"):
+        RecipientKey(0x0020, RFC_SKR).setup(1, 1, bytes(1120), RFC_INFO)
 
 
 SUITES = [(kdf, aead) for kdf in sorted(SUPPORTED_KDFS) for aead in sorted(SUPPORTED_AEADS)]

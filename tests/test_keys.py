@@ -58,6 +58,7 @@ from echfront.keys import (
     dump_pem,
     generate_key,
     load_pem,
+    preference_order,
     read_key_file,
     write_key_file,
 )
@@ -108,6 +109,23 @@ def test_generate_key_defaults() -> None:
     assert key.published
     assert key.info == ECH_INFO_PREFIX + config.encode()
     assert key.config_id == config.config_id
+
+
+def test_generate_key_post_quantum() -> None:
+    key = generate_key("public.example", kem_id=0x647A, config_id=5)
+    assert key.config.kem_id == 0x647A
+    assert key.config.kem_name == "MLKEM768-X25519"
+    assert len(key.config.public_key) == 1216
+    assert key.config.cipher_suites == DEFAULT_SUITES
+    assert key.recipient is not None
+    assert key.recipient.kem_id == 0x647A
+    assert key.recipient.public_key == key.config.public_key
+
+
+@pytest.mark.parametrize("kem_id", [0x0010, 0x0041, 0])
+def test_generate_key_unsupported_kem(kem_id: int) -> None:
+    with pytest.raises(ConfigError, match="unsupported KEM"):
+        generate_key("public.example", kem_id=kem_id)
 
 
 def test_generated_keys_differ() -> None:
@@ -371,7 +389,7 @@ def test_load_pem_errors_name_the_file(name: str) -> None:
     [
         ("no blocks", "no PEM blocks"),
         ("only a private key", "no ECHCONFIG"),
-        ("Ed25519 key", "not X25519"),
+        ("Ed25519 key", "neither X25519 nor X-Wing"),
         ("encrypted key", "encrypted"),
         ("key not matching", "does not match"),
         ("config bad base64", "base64"),
@@ -604,6 +622,32 @@ def test_keyset_roles() -> None:
     assert keys.config_ids == frozenset((1, 2, 3))
 
 
+def test_keyset_publishes_post_quantum_configs_first() -> None:
+    """Clients take the first config they support: PQ first, else the load order."""
+    classic = generate_key("public.example", config_id=1)
+    pq = generate_key("public.example", config_id=2, kem_id=0x647A)
+    classic_2 = generate_key("public.example", config_id=3)
+    old_pq = generate_key("public.example", config_id=4, kem_id=0x647A).with_role(published=False)
+    pq_2 = generate_key("public.example", config_id=5, kem_id=0x647A)
+    keys = KeySet([classic, pq, classic_2, old_pq, pq_2])
+    assert keys.published == (pq, pq_2, classic, classic_2)
+    assert keys.retry_config_list == encode_config_list(
+        [pq.config, pq_2.config, classic.config, classic_2.config]
+    )
+    # Decryption is by config_id and in load order: the order is only what clients see.
+    assert keys.decrypting == (classic, pq, classic_2, old_pq, pq_2)
+    assert keys.candidates(4) == (old_pq,)
+
+
+def test_preference_order_is_stable() -> None:
+    configs = [
+        generate_key("public.example", config_id=i, kem_id=kem).config
+        for i, kem in enumerate([0x0020, 0x0020, 0x647A, 0x0020, 0x647A])
+    ]
+    assert [c.config_id for c in preference_order(configs)] == [2, 4, 0, 1, 3]
+    assert preference_order([]) == []
+
+
 def test_keyset_empty_and_decrypt_only() -> None:
     empty = KeySet()
     assert not empty
@@ -628,8 +672,9 @@ def test_keyset_from_loaded_files(tmp_path: Path) -> None:
     assert [k.config for k in keys.candidates(previous.config_id)] == [previous.config]
 
 
-def test_recipient_key_repr_hides_private_key() -> None:
-    key = generate_key("public.example")
+@pytest.mark.parametrize("kem_id", [0x0020, 0x647A])
+def test_recipient_key_repr_hides_private_key(kem_id: int) -> None:
+    key = generate_key("public.example", kem_id=kem_id)
     assert key.recipient is not None
     assert key.recipient.private_bytes.hex() not in repr(key.recipient)
     assert key.recipient.private_bytes.hex() not in repr(key)

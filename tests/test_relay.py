@@ -106,11 +106,12 @@ class RelayTestCase(SynchronousTestCase):
         """On the fast path no per-connection timer runs; only the factory's
         coarse idle sweep may be scheduled (issue 4: no per-chunk timers)."""
         calls = self.clock.getDelayedCalls()
-        self.assertEqual([c for c in calls if c.func != self.factory._sweep], [])
+        self.assertEqual([c for c in calls if getattr(c, "func", None) != self.factory._sweep], [])
 
     def open(self, first: bytes) -> tuple[Pipe, FrontProtocol, RecordingServer]:
         """Accept a client and deliver ``first`` to the front."""
         front = self.factory.buildProtocol(CLIENT_ADDRESS)
+        assert front is not None
         client = RecordingServer()
         pipe = self.net.connect(client, front)
         pipe.client.write(first)
@@ -496,6 +497,7 @@ class HalfCloseTests(RelayTestCase):
     def test_client_fin_while_connecting_reaches_the_backend_after_its_bytes(self) -> None:
         sealed = seal_hello(KEY.config, InnerSpec())
         front = self.factory.buildProtocol(CLIENT_ADDRESS)
+        assert front is not None
         pipe = self.net.connect(RecordingServer(), front)
         # A TCP transport reads no FIN while paused; one that ignores the
         # pause (front.py handles that case) delivers it while connecting.

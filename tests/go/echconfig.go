@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"crypto/ecdh"
 	"crypto/ecdsa"
+	"crypto/hpke"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/binary"
 	"encoding/pem"
 	"errors"
@@ -16,7 +19,7 @@ import (
 // echConfigVersion is the ECHConfig version of RFC 9849 (draft -13 onwards).
 const echConfigVersion = 0xfe0d
 
-// HPKE KEM ids (RFC 9180) that can be loaded from a PKCS#8 key.
+// HPKE KEM ids (RFC 9180) of the curve keys crypto/x509 parses from PKCS#8.
 var kemForCurve = map[ecdh.Curve]uint16{
 	ecdh.X25519(): 0x0020,
 	ecdh.P256():   0x0010,
@@ -113,6 +116,15 @@ func parseECHConfigList(list []byte) ([]echConfig, error) {
 	return configs, nil
 }
 
+// echPrivateKey is an ECH private key as tls.EncryptedClientHelloKey takes it
+// (HPKE SerializePrivateKey), with its KEM id and public key for matching
+// against ECHConfigs.
+type echPrivateKey struct {
+	kemID   uint16
+	private []byte
+	public  []byte
+}
+
 // loadECHKeyFile reads an RFC 9934 PEM file (PRIVATE KEY + ECHCONFIG) and
 // returns one EncryptedClientHelloKey per ECHConfig matching the private key.
 func loadECHKeyFile(path string, sendAsRetry bool) ([]tls.EncryptedClientHelloKey, error) {
@@ -120,7 +132,7 @@ func loadECHKeyFile(path string, sendAsRetry bool) ([]tls.EncryptedClientHelloKe
 	if err != nil {
 		return nil, err
 	}
-	var priv *ecdh.PrivateKey
+	var priv *echPrivateKey
 	var configs []echConfig
 	for {
 		var block *pem.Block
@@ -144,14 +156,12 @@ func loadECHKeyFile(path string, sendAsRetry bool) ([]tls.EncryptedClientHelloKe
 	if priv == nil || len(configs) == 0 {
 		return nil, fmt.Errorf("%s: need a PRIVATE KEY and an ECHCONFIG block", path)
 	}
-	kem := kemForCurve[priv.Curve()]
-	pub := priv.PublicKey().Bytes()
 	var keys []tls.EncryptedClientHelloKey
 	for _, c := range configs {
-		if c.kemID == kem && bytes.Equal(c.publicKey, pub) {
+		if c.kemID == priv.kemID && bytes.Equal(c.publicKey, priv.public) {
 			keys = append(keys, tls.EncryptedClientHelloKey{
 				Config:      c.raw,
-				PrivateKey:  priv.Bytes(),
+				PrivateKey:  priv.private,
 				SendAsRetry: sendAsRetry,
 			})
 		}
@@ -162,17 +172,64 @@ func loadECHKeyFile(path string, sendAsRetry bool) ([]tls.EncryptedClientHelloKe
 	return keys, nil
 }
 
-// parseECHPrivateKey accepts an X25519 key (the usual ECH KEM) or a NIST curve key.
-func parseECHPrivateKey(der []byte) (*ecdh.PrivateKey, error) {
+// oidXWing identifies an MLKEM768-X25519 (X-Wing) key
+// (draft-connolly-cfrg-xwing-kem, section 5.8). crypto/x509 does not know it.
+var oidXWing = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 62253, 25722}
+
+// oneAsymmetricKey is the RFC 5958 structure without its optional fields,
+// which an X-Wing key must not carry.
+type oneAsymmetricKey struct {
+	Version    int
+	Algorithm  pkix.AlgorithmIdentifier
+	PrivateKey []byte
+}
+
+// parseECHPrivateKey accepts an X-Wing key (the post-quantum ECH KEM), an
+// X25519 key (the usual one) or a NIST curve key, as PKCS#8 DER.
+func parseECHPrivateKey(der []byte) (*echPrivateKey, error) {
+	var oak oneAsymmetricKey
+	rest, err := asn1.Unmarshal(der, &oak)
+	if err == nil && len(rest) == 0 && oak.Algorithm.Algorithm.Equal(oidXWing) {
+		return parseXWingKey(oak)
+	}
 	key, err := x509.ParsePKCS8PrivateKey(der)
 	if err != nil {
 		return nil, err
 	}
+	var priv *ecdh.PrivateKey
 	switch k := key.(type) {
 	case *ecdh.PrivateKey:
-		return k, nil
+		priv = k
 	case *ecdsa.PrivateKey:
-		return k.ECDH()
+		if priv, err = k.ECDH(); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("unsupported ECH private key type %T", key)
 	}
-	return nil, fmt.Errorf("unsupported ECH private key type %T", key)
+	return &echPrivateKey{
+		kemID:   kemForCurve[priv.Curve()],
+		private: priv.Bytes(),
+		public:  priv.PublicKey().Bytes(),
+	}, nil
+}
+
+// parseXWingKey checks the exact shape draft-connolly-cfrg-xwing-kem
+// section 5.8.2 specifies (version 0, absent parameters, a 32-byte seed) and
+// derives the public key with crypto/hpke, so a key file whose ECHConfig
+// holds a public key Go does not derive from the seed fails to load.
+func parseXWingKey(oak oneAsymmetricKey) (*echPrivateKey, error) {
+	if oak.Version != 0 || len(oak.Algorithm.Parameters.FullBytes) != 0 || len(oak.PrivateKey) != 32 {
+		return nil, errors.New("malformed X-Wing private key")
+	}
+	kem := hpke.MLKEM768X25519()
+	priv, err := kem.NewPrivateKey(oak.PrivateKey)
+	if err != nil {
+		return nil, err
+	}
+	return &echPrivateKey{
+		kemID:   kem.ID(),
+		private: bytes.Clone(oak.PrivateKey),
+		public:  priv.PublicKey().Bytes(),
+	}, nil
 }
