@@ -47,6 +47,7 @@ __all__ = [
     "ClientHelloInfo",
     "ECHDecoder",
     "ECHStatus",
+    "HelloSummary",
     "OuterECH",
     "RebuiltInner",
     "RejectReason",
@@ -297,6 +298,14 @@ def _open_inner(
     return inner, message
 
 
+class HelloSummary(NamedTuple):
+    """What outlives the handshake of a connection: enough for logs and metrics."""
+
+    status: ECHStatus
+    config_id: int | None
+    server_name: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class ClientHelloInfo:
     """Routing metadata for one connection, and the bytes to forward.
@@ -334,6 +343,11 @@ class ClientHelloInfo:
     def effective(self) -> ClientHello:
         """The hello that decides routing: inner if accepted, else outer."""
         return self.inner if self.inner is not None else self.outer
+
+    @property
+    def summary(self) -> HelloSummary:
+        """The few facts kept once the hellos themselves are released."""
+        return HelloSummary(self.status, self.config_id, self.server_name)
 
 
 @dataclass(frozen=True, slots=True)

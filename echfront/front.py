@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echfront.decoder import ClientHelloInfo, ECHDecoder
+from echfront.decoder import ClientHelloInfo, ECHDecoder, HelloSummary
 from echfront.errors import AlertDescription, AlertError, InternalError, alert_record
 from echfront.hello import HANDSHAKE_CLIENT_HELLO
 from echfront.interfaces import IRouter
@@ -137,7 +137,7 @@ class ConnectionRecord:
     started: float
     peer: str = ""
     address: str = ""
-    info: ClientHelloInfo | None = None
+    hello: HelloSummary | None = None
     route: str = ""
     alert: AlertDescription | None = None
     close_reason: str = ""
@@ -217,7 +217,8 @@ class FrontProtocol(Protocol):
             return
         if info.config_id is not None:
             self.factory.metrics.decode_seconds.observe(time.perf_counter() - decode_started)
-        self.info = self.record.info = info
+        self.info = info
+        self.record.hello = info.summary
         self._start_timer(self.state.settings.handshake_timeout, "handshake timeout")
         try:
             route = self.state.router.route(info, self.transport.getPeer())
@@ -291,8 +292,14 @@ class FrontProtocol(Protocol):
         self.dataReceived = sink  # type: ignore[method-assign,assignment]
 
     def handshake_done(self) -> None:
-        """The inspected phase is over: stop the handshake deadline."""
+        """The inspected phase is over: stop the deadline, release the hellos.
+
+        An idle relayed connection should cost little memory; the decoded
+        hellos (several KiB) are no longer needed, ``record.hello`` keeps
+        what the logs and metrics report.
+        """
         self._cancel_timer()
+        self.info = None
 
     @property
     def handed_off(self) -> bool:
@@ -407,7 +414,7 @@ class FrontFactory(Factory):
             self.metrics.limited.labels("max_connections").inc()
             return None
         host = getattr(addr, "host", None)
-        key = address_key(host) if isinstance(host, str) else str(addr)
+        key = address_key(host) if isinstance(host, str) else ""
         if not self.limits.start_first_flight(key, settings.max_first_flights_per_address):
             self.metrics.limited.labels("first_flights_per_address").inc()
             return None

@@ -26,11 +26,16 @@ __all__ = ["AddressLimits", "address_key"]
 
 
 def address_key(host: str) -> str:
-    """The accounting key of a client address: IPv4 as is, IPv6 by /64."""
+    """The accounting key of a client address: IPv4 as is, IPv6 by /64.
+
+    An empty key (a peer with no IP address, e.g. on a UNIX socket behind a
+    local proxy) means "not limited per address": all such clients would
+    otherwise share one budget.
+    """
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return host  # UNIX sockets and the like: one key per peer string
+        return ""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
@@ -58,8 +63,10 @@ class AddressLimits:
     def start_first_flight(self, key: str, limit: int) -> bool:
         """Count a new unfinished first flight; False if ``key`` is at ``limit``.
 
-        A ``limit`` of 0 means unlimited.
+        A ``limit`` of 0, or an empty key, means unlimited.
         """
+        if not key:
+            return True
         count = self._first_flights.get(key, 0)
         if limit and count >= limit:
             return False
@@ -68,6 +75,8 @@ class AddressLimits:
 
     def end_first_flight(self, key: str) -> None:
         """A first flight finished (complete, refused or abandoned)."""
+        if not key:
+            return
         count = self._first_flights.get(key, 0) - 1
         if count > 0:
             self._first_flights[key] = count
@@ -84,7 +93,7 @@ class AddressLimits:
         The bucket holds up to ``burst`` tokens and refills at ``rate`` per
         second.  A ``rate`` of 0 means unlimited.
         """
-        if not rate:
+        if not rate or not key:
             return True
         now = self.clock()
         bucket = self._buckets.get(key)

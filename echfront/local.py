@@ -170,7 +170,12 @@ class LocalHandoff:
             tls.dataReceived(data)
 
         front.set_input(receive)
-        receive(self.info.forward + self.info.rest + front.take_held())
+        # The first flight is counted as first_flight_bytes; only what
+        # followed it counts as bytes from the client, as for relays.
+        tls.dataReceived(self.info.forward)
+        after = self.info.rest + front.take_held()
+        if after:
+            receive(after)
         front.transport.resumeProducing()
 
     def handshake_pending(self) -> bool:

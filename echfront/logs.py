@@ -75,7 +75,7 @@ def connection_event_fields(
     record: ConnectionRecord, now: float, *, log_server_names: bool
 ) -> dict[str, Any]:
     """The fields of one connection's event (see the module docstring)."""
-    info = record.info
+    info = record.hello
     fields: dict[str, Any] = {
         "peer": record.peer,
         "route": record.route or "none",

@@ -153,7 +153,7 @@ class Metrics:
 
     def closed(self, record: ConnectionRecord) -> None:
         """Count a finished connection."""
-        info = record.info
+        info = record.hello
         ech = "error" if info is None else info.status.value
         alert = "none" if record.alert is None else record.alert.name.lower()
         self.connections.labels(ech, alert, record.route or "none").inc()

@@ -192,7 +192,9 @@ class Relay:
     ) -> None:
         """Prepare; :meth:`connect` starts the work."""
         self.front = front
-        self.info = info
+        self.info: ClientHelloInfo | None = info
+        #: Kept past the first flight only while a second ClientHello may come.
+        self._second_decoder = info.second_hello
         self.backend = backend
         self.clock = clock
         self._cancel_connect: Callable[[], object] | None = None
@@ -258,6 +260,8 @@ class Relay:
         client = self.front.transport
         backend = peer.transport
         info = self.info
+        assert info is not None
+        self.info = None  # only the second-hello decoder is needed from here on
         record = self.front.record
         if self.backend.proxy_protocol:
             backend.write(proxy_header(self.backend.proxy_protocol, client, info))
@@ -353,7 +357,8 @@ class Relay:
         """Reassemble and rewrite the second ClientHello (RFC 9849 §7.1.1)."""
         reader = self._second_hello
         assert reader is not None and self._peer is not None
-        assert self.info.second_hello is not None
+        decoder = self._second_decoder
+        assert decoder is not None
         try:
             flight = reader.feed(data)
             passed = reader.take_passed()
@@ -361,7 +366,7 @@ class Relay:
                 self._peer.transport.write(passed)
             if flight is None:
                 return
-            second = self.info.second_hello.decode(flight)
+            second = decoder.decode(flight)
         except AlertError as error:
             self.front.fail(error)
             return
@@ -374,6 +379,7 @@ class Relay:
     def _fast_path_client(self) -> None:
         assert self._peer is not None
         self._inspecting = False
+        self._second_decoder = None
         self.front.set_input(_counted_from_client(self.front.record, self._peer.transport.write))
         self.front.handshake_done()
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.web import http
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -110,19 +111,35 @@ class QuietSite(Site):
         """Do not log requests."""
 
 
-def status_site(keys: Callable[[], KeySet], public_name: str, alpn: Sequence[str] = ()) -> Site:
+class _Directory(Resource):
+    """A resource with fixed children and an escaped 404 for anything else."""
+
+    def __init__(self) -> None:
+        """No children yet (putChild adds them)."""
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        """Unknown paths: a plain 404 (Twisted's default page is deprecated)."""
+        return notFound()  # type: ignore[return-value]
+
+
+def status_site(
+    keys: Callable[[], KeySet], public_name: str, alpn: Sequence[str] = (), reactor: Any = None
+) -> Site:
     """The default public-name site: status page and origin-svcb document."""
-    root = Resource()
+    root = _Directory()
     status = StatusResource(keys, public_name)
     root.putChild(b"", status)
-    well_known = Resource()
+    well_known = _Directory()
     well_known.putChild(b"origin-svcb", OriginSVCBResource(keys, alpn))
     root.putChild(b".well-known", well_known)
-    site = QuietSite(root)  # type: ignore[no-untyped-call]
+    site = QuietSite(root, reactor=reactor)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     return site
 
 
 def public_service(context: ServiceContext) -> Site:
     """The factory named by default for ``[public]`` (``echfront.web:public_service``)."""
-    return status_site(context.keys, context.public_name or "this front", context.alpn)
+    return status_site(
+        context.keys, context.public_name or "this front", context.alpn, context.reactor
+    )

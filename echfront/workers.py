@@ -24,8 +24,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +95,8 @@ def parse_tcp_description(description: str) -> TCPListen | None:
             options[key] = value
         else:
             positional.append(item)
+    if "port" in options and positional:
+        raise ConfigError(f"listen: {description!r} gives the port twice")
     port_text = options.pop("port", positional[0] if positional else "")
     interface = options.pop("interface", "::" if kind == "tcp6" else "")
     backlog_text = options.pop("backlog", "50")
@@ -142,18 +146,7 @@ def shared_listeners(descriptions: Sequence[str]) -> list[Listener]:
             continue
         kind, *rest = split_endpoint_description(description)
         if kind == "unix":
-            path = next((p.partition("=")[2] for p in rest if p.startswith("address=")), None)
-            path = path or (rest[0] if rest and "=" not in rest[0] else None)
-            if not path:
-                raise ConfigError(f"listen: {description!r} has no socket path")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            if os.path.exists(path):
-                os.unlink(path)
-            sock.bind(path)
-            sock.listen(50)
-            sock.setblocking(False)
-            os.set_inheritable(sock.fileno(), True)
-            plan.append(Listener(description, fd=sock.detach(), family=socket.AF_UNIX))
+            plan.append(_unix_listener(description, rest))
         elif kind == "systemd":
             plan.append(_systemd_listener(description, rest))
         else:
@@ -161,6 +154,54 @@ def shared_listeners(descriptions: Sequence[str]) -> list[Listener]:
                 f"listen: workers cannot share {description!r}; use tcp:, unix: or systemd:"
             )
     return plan
+
+
+def _unix_listener(description: str, rest: list[str]) -> Listener:
+    """Bind a UNIX socket as Twisted's ``unix:`` server endpoint would.
+
+    Same options (``address``, ``mode`` (octal, default 666), ``backlog``),
+    and a leftover socket file is replaced, but nothing else ever is: a
+    path that names a regular file is a mistake worth an error.
+    """
+    options = {k: v for k, _, v in (p.partition("=") for p in rest if "=" in p)}
+    positional = [p for p in rest if "=" not in p]
+    path = options.pop("address", positional[0] if positional else "")
+    mode_text = options.pop("mode", "666")
+    backlog_text = options.pop("backlog", "50")
+    options.pop("lockfile", None)
+    if not path:
+        raise ConfigError(f"listen: {description!r} has no socket path")
+    if options or not backlog_text.isdigit():
+        raise ConfigError(f"listen: cannot use {description!r} with workers")
+    try:
+        mode = int(mode_text, 8)
+    except ValueError:
+        raise ConfigError(f"listen: {description!r}: mode must be octal") from None
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"listen: {description!r}: {error.strerror}") from None
+    os.chmod(path, mode)
+    sock.listen(int(backlog_text))
+    sock.setblocking(False)
+    os.set_inheritable(sock.fileno(), True)
+    return Listener(description, fd=sock.detach(), family=socket.AF_UNIX)
+
+
+def _socket_family(fd: int) -> int:
+    """The address family of a socket descriptor, without keeping a second one open."""
+    probe = socket.socket(fileno=fd)
+    try:
+        return probe.family
+    finally:
+        probe.detach()  # the descriptor stays open; it is not ours to close
 
 
 def _systemd_listener(description: str, rest: list[str]) -> Listener:
@@ -177,9 +218,8 @@ def _systemd_listener(description: str, rest: list[str]) -> Listener:
         if index >= len(descriptors):
             raise ConfigError(f"listen: {description!r}: systemd passed no socket {index}")
         fd = descriptors[index]
-    family = socket.socket(fileno=os.dup(fd)).family
     os.set_inheritable(fd, True)
-    return Listener(description, fd=fd, family=family)
+    return Listener(description, fd=fd, family=_socket_family(fd))
 
 
 def worker_listen(
@@ -195,8 +235,7 @@ def worker_listen(
     )
     if str(index) in adopted:
         fd = int(adopted[str(index)])
-        family = socket.socket(fileno=os.dup(fd)).family
-        port: IListeningPort = reactor.adoptStreamPort(fd, family, factory)
+        port: IListeningPort = reactor.adoptStreamPort(fd, _socket_family(fd), factory)
         return port
     spec = parse_tcp_description(description)
     if spec is None:
@@ -255,6 +294,7 @@ class Supervisor(Service):
         self._stopping = False
         self._stopped: Deferred[None] | None = None
         self._backoff: dict[int, float] = {}
+        self._started: dict[int, float] = {}
         self._previous_hup: Any = None
         self.on_reload: Callable[[], None] | None = None
 
@@ -263,7 +303,7 @@ class Supervisor(Service):
         super().startService()  # type: ignore[no-untyped-call]
         for index in range(self.count):
             self._spawn(index)
-        if hasattr(signal, "SIGHUP"):
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
 
     def _on_sighup(self, signum: int, frame: object) -> None:
@@ -291,6 +331,7 @@ class Supervisor(Service):
         worker = _WorkerProcess(self, index)
         self.reactor.spawnProcess(worker, sys.executable, self.argv, env=env, childFDs=child_fds)
         self.workers[index] = worker
+        self._started[index] = self.reactor.seconds()
         _log.info("started worker {index} (pid {pid})", index=index, pid=worker.pid)
 
     def worker_ended(self, worker: _WorkerProcess, reason: Failure) -> None:
@@ -304,6 +345,9 @@ class Supervisor(Service):
                 self._stopped.callback(None)
             return
         self.restarts += 1
+        if self.reactor.seconds() - self._started.get(worker.index, 0.0) > 60.0:
+            # It ran for a while: a crash now is not a crash loop.
+            self._backoff.pop(worker.index, None)
         delay = min(30.0, self._backoff.get(worker.index, 0.5) * 2)
         self._backoff[worker.index] = delay
         _log.error(
