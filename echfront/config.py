@@ -222,6 +222,7 @@ _TOP = (
     "reload",
     "metrics",
     "workers",
+    "relay",
 )
 
 
@@ -270,6 +271,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     if not 512 <= max_flight <= 1024 * 1024:
         raise ConfigError("limits.max_first_flight: must be 512..1048576 bytes")
     log = _Section(top.table("log"), "log", ("server_names",))
+    relay = _Section(top.table("relay"), "relay", ("splice",))
     hpke_rate = limits.non_negative("hpke_rate", 200.0)
     hpke_burst = limits.non_negative("hpke_burst", max(hpke_rate * 2, 1.0))
     if hpke_rate and hpke_burst < 1:
@@ -285,6 +287,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         hpke_burst=hpke_burst,
         log_server_names=log.get("server_names", bool, False),
         shutdown_grace=limits.non_negative("shutdown_grace", 30.0),
+        splice=relay.get("splice", bool, True),
     )
 
     public = None

@@ -97,6 +97,7 @@ class FrontSettings:
     :ivar hpke_burst: how many of those may come at once.
     :ivar log_server_names: log the inner server name of ECH connections.
     :ivar shutdown_grace: seconds open connections get to finish on shutdown.
+    :ivar splice: relay with splice(2) once inspection is over (Linux).
     """
 
     first_flight_timeout: float = 10.0
@@ -109,6 +110,7 @@ class FrontSettings:
     hpke_burst: float = 400.0
     log_server_names: bool = False
     shutdown_grace: float = 30.0
+    splice: bool = True
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class ConnectionRecord:
     hello_retry: bool = False
     bytes_from_client: int = 0
     bytes_to_client: int = 0
+    zero_copy: bool = False
 
 
 def format_address(address: object) -> str:

@@ -8,7 +8,8 @@ docs/operations.rst):
 ``peer``, ``route``, ``ech`` (accepted, rejected, not_offered, error),
 ``config_id``, ``alert``, ``hrr``, ``bytes_from_client``,
 ``bytes_to_client``, ``first_flight_bytes``, ``duration``, ``close_reason``,
-``worker`` and, only when allowed, ``server_name``.
+``zero_copy`` (the relay used splice(2)), ``worker`` and, only when
+allowed, ``server_name``.
 
 Privacy by default: the server name of an ECH-accepted connection is the
 secret ECH protects, so it is logged only with ``[log] server_names =
@@ -66,6 +67,7 @@ CONNECTION_FIELDS = (
     "first_flight_bytes",
     "duration",
     "close_reason",
+    "zero_copy",
     "worker",
     "server_name",
 )
@@ -88,6 +90,7 @@ def connection_event_fields(
         "first_flight_bytes": record.first_flight_bytes,
         "duration": round(now - record.started, 6),
         "close_reason": record.close_reason,
+        "zero_copy": record.zero_copy,
         "worker": os.getpid(),
     }
     if info is not None and (log_server_names or info.status is not ECHStatus.ACCEPTED):

@@ -89,6 +89,7 @@ def test_fields_of_an_accepted_connection() -> None:
         "first_flight_bytes": 517,
         "duration": 2.5,
         "close_reason": "backend closed",
+        "zero_copy": False,
         "worker": os.getpid(),
     }
 
@@ -152,7 +153,7 @@ def test_log_connection_emits_one_info_event_in_its_namespace() -> None:
     assert text == (
         f"connection peer=192.0.2.7:50123 route=app ech=accepted config_id={KEY.config_id} "
         f"alert=None hrr=False bytes_from_client=5 bytes_to_client=6 first_flight_bytes=0 "
-        f"duration=3.0 close_reason= worker={os.getpid()}"
+        f"duration=3.0 close_reason= zero_copy=False worker={os.getpid()}"
     )
     assert SECRET_NAME not in text
 

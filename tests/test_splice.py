@@ -1,0 +1,192 @@
+# mypy: disable-error-code="no-untyped-call"
+"""Zero-copy relaying (echfront.splice) on real sockets, and through twistd."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from echfront import splice
+from echfront.front import ConnectionRecord
+from tests.frontproc import FrontProcess, make_pki
+from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
+
+pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux only")
+
+MiB = 1024 * 1024
+
+
+def pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    """client_peer <-> client_side, backend_side <-> backend_peer (TCP, loopback)."""
+    sockets = []
+    for _ in range(2):
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            outer = socket.create_connection(server.getsockname())
+            inner, _ = server.accept()
+        sockets += [outer, inner]
+    client_peer, client_side, backend_peer, backend_side = sockets
+    for sock in (client_side, backend_side):
+        sock.setblocking(False)
+    return client_peer, client_side, backend_side, backend_peer
+
+
+def read_all(sock: socket.socket, limit: float = 20.0) -> bytes:
+    """Blocking read to end of stream, bounded in time."""
+    sock.settimeout(limit)
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class SpliceSessionTests(TestCase):
+    """A session between two real socket pairs, driven by the real reactor."""
+
+    timeout = 60
+
+    def run_session(
+        self,
+    ) -> tuple[ConnectionRecord, Deferred[BaseException | None], list[socket.socket]]:
+        client_peer, client_side, backend_side, backend_peer = pairs()
+        record = ConnectionRecord(started=0.0)
+        done: Deferred[BaseException | None] = Deferred()
+        session = splice.SpliceSession(reactor, client_side, backend_side, record, done.callback)
+        session.start()
+        socks = [client_peer, client_side, backend_side, backend_peer]
+        for sock in socks:
+            self.addCleanup(sock.close)
+        return record, done, socks
+
+    def test_both_ways_with_half_close_and_counts(self) -> Deferred[None]:
+        record, done, (client_peer, _, _, backend_peer) = self.run_session()
+        upload = os.urandom(8 * MiB)
+        reply = os.urandom(3 * MiB)
+        results: dict[str, bytes] = {}
+
+        def client() -> None:
+            client_peer.sendall(upload)
+            client_peer.shutdown(socket.SHUT_WR)  # half-close: keep reading
+            results["client"] = read_all(client_peer)
+
+        def backend() -> None:
+            results["backend"] = read_all(backend_peer)  # ends at the client's FIN
+            backend_peer.sendall(reply)
+            backend_peer.shutdown(socket.SHUT_WR)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (client, backend)]
+        for thread in threads:
+            thread.start()
+
+        def check(error: BaseException | None) -> None:
+            for thread in threads:
+                thread.join(20)
+            self.assertIsNone(error)
+            self.assertEqual(results["backend"], upload)
+            self.assertEqual(results["client"], reply)
+            self.assertEqual(record.bytes_from_client, len(upload))
+            self.assertEqual(record.bytes_to_client, len(reply))
+
+        return done.addCallback(check)
+
+    def test_flow_control_bounds_buffering(self) -> Deferred[None]:
+        """A backend that does not read stalls the client; nothing piles up."""
+        record, done, (client_peer, _, _, backend_peer) = self.run_session()
+        total = 96 * MiB
+        progress = [0]
+
+        def client() -> None:
+            chunk = b"x" * MiB
+            for _ in range(total // MiB):
+                client_peer.sendall(chunk)
+                progress[0] += len(chunk)
+            client_peer.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=client, daemon=True)
+        sender.start()
+        stalled: Deferred[None] = Deferred()
+        reactor.callLater(2.0, stalled.callback, None)
+
+        def while_stalled(_: None) -> Deferred[BaseException | None]:
+            # Kernel socket buffers and one pipe hold what the client could
+            # send: a few MiB, not the 96 the client wanted to.
+            self.assertLess(progress[0], 32 * MiB)
+            self.assertLessEqual(record.bytes_from_client, progress[0] + MiB)
+            received = threading.Thread(
+                target=lambda: progress.append(len(read_all(backend_peer))), daemon=True
+            )
+            received.start()
+
+            def finish_backend(error: BaseException | None) -> BaseException | None:
+                return error
+
+            # The backend now reads everything, then closes its side.
+            def close_backend() -> None:
+                received.join(30)
+                backend_peer.shutdown(socket.SHUT_WR)
+
+            threading.Thread(target=close_backend, daemon=True).start()
+            return done.addCallback(finish_backend)
+
+        def check(error: BaseException | None) -> None:
+            sender.join(30)
+            self.assertIsNone(error)
+            self.assertEqual(progress[-1], total)
+            self.assertEqual(record.bytes_from_client, total)
+
+        return stalled.addCallback(while_stalled).addCallback(check)
+
+    def test_reset_ends_the_session_with_an_error(self) -> Deferred[None]:
+        _, done, (client_peer, _, _, backend_peer) = self.run_session()
+        client_peer.sendall(b"hello")
+        # An RST from the backend's side.
+        backend_peer.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        backend_peer.close()
+        client_peer.sendall(b"more" * 1000)
+
+        def check(error: BaseException | None) -> None:
+            self.assertIsInstance(error, OSError)
+
+        return done.addCallback(check)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_bulk_through_twistd_both_paths(
+    tmp_path_factory: pytest.TempPathFactory, zero_copy: bool
+) -> None:
+    try:
+        go_binary()
+    except GoUnavailableError as error:
+        pytest.skip(str(error))
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    secret = pki.certs["secret.example"]
+    with GoBackend([(secret.chain, secret.key)]) as backend:
+        config = {
+            "ech": {"keys": [{"file": str(pki.ech_key)}]},
+            "relay": {"splice": zero_copy},
+            "backends": {"b": {"endpoint": f"tcp:host=127.0.0.1:port={backend.port}"}},
+            "routes": [{"name": "secret.example", "backend": "b"}],
+        }
+        with FrontProcess(tmp_path_factory.mktemp("front"), config) as front:
+            (result,) = run_client(
+                f"127.0.0.1:{front.port}",
+                name="secret.example",
+                ech=pki.ech_config_list,
+                ca=pki.ca,
+                send=48 * MiB,
+            )
+            assert result["ok"] and result["ech_accepted"] and result["echo_ok"], result
+            assert result["sent"] == result["received"] == 48 * MiB
+            deadline = time.monotonic() + 10
+            while f"zero_copy={zero_copy}" not in front.log_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert f"zero_copy={zero_copy}" in front.log_text()
