@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from echfront._version import __version__
+from echfront.check import add_check_parser, run_check
 from echfront.echconfig import (
-    KEM_MLKEM768_X25519,
-    KEM_X25519_HKDF_SHA256,
     ECHConfig,
     SymmetricSuite,
     decode_config_list,
     encode_config_list,
+    kem_name,
     parse_config_list_text,
 )
 from echfront.errors import ConfigError
 from echfront.hpke import DEFAULT_SUITES
+from echfront.keydir import KEM_NAMES, KeyDirectory, KeyRecord, KeyState, utcnow
 from echfront.keys import (
     ECHKey,
     generate_key,
@@ -34,15 +36,16 @@ from echfront.keys import (
     read_key_file,
     write_key_file,
 )
+from echfront.rotation import parse_duration
 from echfront.svcb import https_record
 
 __all__ = ["main"]
 
 _KDFS = {"hkdf-sha256": 1, "hkdf-sha384": 2, "hkdf-sha512": 3}
 _AEADS = {"aes-128-gcm": 1, "aes-256-gcm": 2, "chacha20-poly1305": 3}
-#: ``keygen --kem`` choices: the classical KEM every ECH client supports, and
-#: the post-quantum hybrid (draft-ietf-hpke-pq) that Go >= 1.26 clients use.
-_KEMS = {"x25519": KEM_X25519_HKDF_SHA256, "mlkem768-x25519": KEM_MLKEM768_X25519}
+#: ``--kem`` choices: the classical KEM every ECH client supports, and the
+#: post-quantum hybrid (draft-ietf-hpke-pq) that Go >= 1.26 clients use.
+_KEMS = KEM_NAMES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,7 +124,11 @@ def _parser() -> _Parser:
         "come first, then the others in the order given.",
     )
     dns.add_argument("--name", required=True, help="owner name of the record")
-    dns.add_argument("--keys", required=True, nargs="+", type=Path, help="RFC 9934 PEM files")
+    sources = dns.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--keys", nargs="+", type=Path, help="RFC 9934 PEM files")
+    sources.add_argument(
+        "--keys-dir", type=Path, help="a key directory: its active (published) keys"
+    )
     dns.add_argument("--alpn", action="append", default=[], help="ALPN ids, comma-separated")
     dns.add_argument("--port", type=int, help="port SvcParam, when not 443")
     dns.add_argument("--target", default=".", help="TargetName (default '.': the owner)")
@@ -135,7 +142,164 @@ def _parser() -> _Parser:
         "file holding such text, an RFC 9934 PEM file, or the raw list. '-' reads stdin.",
     )
     inspect.add_argument("source", help="file path, '-', or base64/hex text")
+    _add_keys_parser(commands)
+    add_check_parser(commands)
     return parser
+
+
+def _add_keys_parser(commands: Any) -> None:
+    keys = commands.add_parser(
+        "keys",
+        help="manage a key directory by hand (list, add, activate, rotate, retire)",
+        description="Manage the key directory that [keys] directory names. Fronts pick "
+        "changes up on SIGHUP (or at once with [reload] watch = true).",
+    )
+    actions = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    listing = actions.add_parser("list", help="show every key, its state and dates")
+    listing.add_argument("--dir", required=True, type=Path, help="the key directory")
+    for name, text in (
+        (
+            "add",
+            "generate a pending key: it decrypts once fronts reload, but is not "
+            "published; publish its config, then `keys activate` it",
+        ),
+        (
+            "rotate",
+            "generate a key and make it active at once; the active keys are "
+            "retired (decrypt-only for --grace)",
+        ),
+    ):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--dir", required=True, type=Path, help="the key directory")
+        action.add_argument("--public-name", required=True, help="the client-facing name")
+        action.add_argument(
+            "--kem",
+            choices=sorted(_KEMS),
+            action="append",
+            help="KEM, repeatable for one key each (default x25519)",
+        )
+        action.add_argument(
+            "--max-name-length",
+            type=_byte,
+            default=0,
+            help="longest private name (default 0: unknown)",
+        )
+        if name == "rotate":
+            action.add_argument(
+                "--grace", default="48h", help="how long retired keys keep decrypting (default 48h)"
+            )
+    activate = actions.add_parser(
+        "activate", help="make pending keys active; the active ones are retired"
+    )
+    activate.add_argument("--dir", required=True, type=Path, help="the key directory")
+    activate.add_argument(
+        "stems",
+        nargs="*",
+        help="keys to activate (names from `keys list`; default: every pending key)",
+    )
+    activate.add_argument(
+        "--grace", default="48h", help="how long retired keys keep decrypting (default 48h)"
+    )
+    retire = actions.add_parser(
+        "retire", help="make a key decrypt-only for --grace, or delete it with --now"
+    )
+    retire.add_argument("--dir", required=True, type=Path, help="the key directory")
+    retire.add_argument("stems", nargs="+", help="keys to retire (names from `keys list`)")
+    retire.add_argument("--grace", default="48h", help="decrypt-only time (default 48h)")
+    retire.add_argument("--now", action="store_true", help="delete at once instead")
+
+
+def _keys(args: argparse.Namespace) -> None:
+    directory = KeyDirectory(args.dir)
+    now = utcnow()
+    if args.action == "list":
+        records = directory.records()
+        if not records:
+            print(f"{args.dir}: no keys")
+        for record in records:
+            limit = (
+                f" until {record.retire_after:%Y-%m-%dT%H:%M:%SZ}" if record.retire_after else ""
+            )
+            ids = ",".join(map(str, record.config_ids))
+            kem = kem_name(record.kem_id)
+            print(
+                f"{record.stem}  {record.state.value}{limit}  config_id {ids}  {kem}  "
+                f"created {record.created:%Y-%m-%dT%H:%M:%SZ}"
+            )
+        return
+    # Checked before anything is written: a bad --grace must not leave a
+    # half-done rotation behind.
+    grace = parse_duration(getattr(args, "grace", "0"), "--grace")
+    with directory.locked():
+        by_stem = {r.stem: r for r in directory.records()}
+        if args.action in ("add", "rotate"):
+            taken = directory.taken_ids()
+            added = []
+            for kem in args.kem or ["x25519"]:
+                key = generate_key(
+                    args.public_name,
+                    kem_id=_KEMS[kem],
+                    taken_ids=taken,
+                    maximum_name_length=args.max_name_length,
+                )
+                taken.add(key.config_id)
+                added.append(directory.add([key], KeyState.PENDING, now))
+            for record in added:
+                print(f"added {record.stem} (pending, config_id {record.config_ids[0]})")
+            if args.action == "rotate":
+                _activate(directory, list(by_stem.values()), added, grace, now)
+            else:
+                pending = [k.config for r in added for k in read_key_file(r.pem)]
+                print("pending ECHConfigList (publish it, then `echfront keys activate`):")
+                print(base64.b64encode(encode_config_list(preference_order(pending))).decode())
+        elif args.action == "activate":
+            if args.stems:
+                chosen = [_pick(by_stem, stem) for stem in args.stems]
+            else:
+                chosen = [r for r in by_stem.values() if r.state is KeyState.PENDING]
+                if not chosen:
+                    raise ConfigError(f"{args.dir}: no pending keys to activate")
+            _activate(directory, list(by_stem.values()), chosen, grace, now)
+        else:
+            for stem in args.stems:
+                record = _pick(by_stem, stem)
+                if args.now:
+                    directory.delete(record)
+                    print(f"deleted {stem}")
+                else:
+                    until = now + datetime.timedelta(seconds=grace)
+                    directory.update(record, KeyState.RETIRED, until)
+                    print(f"retired {stem}: decrypts until {until:%Y-%m-%dT%H:%M:%SZ}")
+    published = [k.config for k in directory.load_keys() if k.published]
+    if published:
+        print("published ECHConfigList (for DNS and origin-svcb):")
+        print(base64.b64encode(encode_config_list(preference_order(published))).decode())
+
+
+def _pick(records: dict[str, KeyRecord], stem: str) -> KeyRecord:
+    record = records.get(stem)
+    if record is None:
+        raise ConfigError(f"no key named {stem!r} (see `echfront keys list`)")
+    return record
+
+
+def _activate(
+    directory: KeyDirectory,
+    existing: list[KeyRecord],
+    chosen: list[KeyRecord],
+    grace: float,
+    now: datetime.datetime,
+) -> None:
+    """Make ``chosen`` active and the other active keys retired for ``grace`` seconds."""
+    until = now + datetime.timedelta(seconds=grace)
+    names = {r.stem for r in chosen}
+    for record in existing:
+        if record.state is KeyState.ACTIVE and record.stem not in names:
+            directory.update(record, KeyState.RETIRED, until)
+            print(f"retired {record.stem}: decrypts until {until:%Y-%m-%dT%H:%M:%SZ}")
+    for record in chosen:
+        directory.update(record, KeyState.ACTIVE)
+        print(f"activated {record.stem}")
 
 
 def _keygen(args: argparse.Namespace) -> None:
@@ -157,10 +321,15 @@ def _keygen(args: argparse.Namespace) -> None:
 
 def _dns(args: argparse.Namespace) -> None:
     configs: list[ECHConfig] = []
-    for path in args.keys:
-        for key in read_key_file(path):
-            if key.config not in configs:
-                configs.append(key.config)
+    if args.keys_dir is not None:
+        keys = [k for k in KeyDirectory(args.keys_dir).load_keys() if k.published]
+        if not keys:
+            raise ConfigError(f"{args.keys_dir}: no active (published) keys")
+    else:
+        keys = [key for path in args.keys for key in read_key_file(path)]
+    for key in keys:
+        if key.config not in configs:
+            configs.append(key.config)
     alpn = [part.strip() for item in args.alpn for part in item.split(",") if part.strip()]
     print(
         https_record(
@@ -221,7 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    handlers = {"keygen": _keygen, "dns": _dns, "inspect": _inspect}
+    if args.command == "check":
+        # Its own exit status: 1 when a finding is an error (see echfront.check).
+        return run_check(args)
+    handlers = {"keygen": _keygen, "dns": _dns, "inspect": _inspect, "keys": _keys}
     try:
         handlers[args.command](args)
     except ConfigError as error:

@@ -31,8 +31,10 @@ from echfront.echconfig import validate_public_name
 from echfront.errors import AlertDescription, ConfigError
 from echfront.front import FrontSettings, FrontState
 from echfront.interfaces import IRouter
+from echfront.keydir import KEM_NAMES, KeyDirectory
 from echfront.keys import KeySet, read_key_file
 from echfront.local import load_certificate_options, local_target
+from echfront.rotation import RotationPolicy, parse_duration
 from echfront.routing import (
     UNRECOGNIZED,
     Backend,
@@ -54,6 +56,7 @@ __all__ = [
     "ServiceContext",
     "build_state",
     "load_config_file",
+    "load_key_set",
     "parse_config",
     "resolve_dotted",
 ]
@@ -124,6 +127,11 @@ class Config:
     watch: bool = False
     watch_interval: float = 5.0
     workers: int = 1
+    rejected: str | None = None
+    key_directory: Path | None = None
+    rotation: RotationPolicy | None = None
+    publish: Mapping[str, Any] = field(default_factory=dict)
+    publish_names: tuple[str, ...] = ()
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change triggers a reload when ``[reload] watch`` is on."""
@@ -133,6 +141,8 @@ class Config:
                 files.append(local.cert)
                 if local.key is not None:
                     files.append(local.key)
+        if self.key_directory is not None:
+            files.append(self.key_directory)  # its mtime changes as keys come and go
         if self.source is not None:
             files.insert(0, self.source)
         return tuple(files)
@@ -223,6 +233,9 @@ _TOP = (
     "metrics",
     "workers",
     "relay",
+    "keys",
+    "publish",
+    "rejected",
 )
 
 
@@ -315,6 +328,21 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     default = _target_of(
         "default", top.get("default", str, "reject"), backends, locals_, public is not None
     )
+    rejected_text = top.get("rejected", str)
+    rejected = None
+    if rejected_text is not None:
+        rejected = _target_of("rejected", rejected_text, backends, locals_, public is not None)
+    key_directory, rotation = _keys_section(top.table("keys"), base, public_name)
+    publish_table = dict(top.table("publish"))
+    publish_names = publish_table.pop("names", [])
+    if not isinstance(publish_names, list) or not all(
+        isinstance(n, str) and n for n in publish_names
+    ):
+        raise ConfigError("publish.names: expected a list of host names")
+    if publish_table.get("method", "none") != "none" and not publish_names:
+        raise ConfigError("publish.names: required to publish (the HTTPS records to update)")
+    if publish_table and rotation is None:
+        raise ConfigError("publish: needs [keys] directory and rotate (what to publish)")
 
     router_section = _Section(top.table("router"), "router", ("factory", "options"))
     router = router_section.get("factory", str)
@@ -342,7 +370,66 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         watch=reload_section.get("watch", bool, False),
         watch_interval=reload_section.positive("interval", 5.0),
         workers=workers,
+        rejected=rejected,
+        key_directory=key_directory,
+        rotation=rotation,
+        publish=publish_table,
+        publish_names=tuple(publish_names),
     )
+
+
+def _keys_section(
+    table: Mapping[str, Any], base: Path, public_name: str | None
+) -> tuple[Path | None, RotationPolicy | None]:
+    """``[keys]``: the key directory and, with ``rotate``, the rotation policy."""
+    section = _Section(
+        table,
+        "keys",
+        (
+            "directory",
+            "rotate",
+            "grace",
+            "kems",
+            "max_name_length",
+            "check_interval",
+            "verify_timeout",
+            "public_name",
+        ),
+    )
+    directory = section.path("directory", base, required=False)
+    if "rotate" not in table:
+        if len(table) > (1 if directory is not None else 0):
+            raise ConfigError('keys: rotation settings need rotate = ... (e.g. "24h")')
+        return directory, None
+    if directory is None:
+        raise ConfigError("keys.directory: required for rotation")
+    name = section.get("public_name", str, public_name)
+    if not name:
+        raise ConfigError("keys.public_name: required for rotation (or set public_name)")
+    try:
+        name = validate_public_name(name)
+    except ConfigError as error:
+        raise ConfigError(f"keys.public_name: {error}") from None
+    kem_names = section.strings("kems") or ("x25519",)
+    unknown = [k for k in kem_names if k not in KEM_NAMES]
+    if unknown:
+        raise ConfigError(f"keys.kems: unknown KEM {unknown[0]!r} (x25519, mlkem768-x25519)")
+    rotate = parse_duration(table["rotate"], "keys.rotate")
+    grace = parse_duration(table.get("grace", "48h"), "keys.grace")
+    max_name_length = section.get("max_name_length", int, 0)
+    if not 0 <= max_name_length <= 255:
+        raise ConfigError("keys.max_name_length: must be 0..255")
+    policy = RotationPolicy(
+        public_name=name,
+        rotate_every=rotate,
+        grace=grace,
+        kems=tuple(KEM_NAMES[k] for k in kem_names),
+        maximum_name_length=max_name_length,
+        check_interval=parse_duration(table.get("check_interval", "1m"), "keys.check_interval")
+        or 60.0,
+        verify_timeout=parse_duration(table.get("verify_timeout", "1m"), "keys.verify_timeout"),
+    )
+    return directory, policy
 
 
 def _backend_config(name: str, entry: object) -> BackendConfig:
@@ -556,10 +643,13 @@ def tcp_client_address(description: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _load_keys(config: Config) -> KeySet:
+def load_key_set(config: Config) -> KeySet:
+    """Every key the front serves: ``[ech] keys`` files and the ``[keys]`` directory."""
     keys = []
     for entry in config.keys:
         keys.extend(read_key_file(entry.path, published=entry.published))
+    if config.key_directory is not None:
+        keys.extend(KeyDirectory(config.key_directory).load_keys())
     return KeySet(keys)
 
 
@@ -578,7 +668,7 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
         follow reloads.
     :raises ConfigError: one line naming the file or key and the problem.
     """
-    keys = _load_keys(config)
+    keys = load_key_set(config)
     public_name = _public_name(config, keys)
 
     def make_local(where: str, local: LocalConfig) -> Local:
@@ -639,7 +729,11 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
         # The public name always reaches the public service (the ECH
         # rejection path lands here: RFC 9849 §6.1.6 needs it authenticated).
         rules.append(Rule(public_name, locals_["public"]))
-    static = StaticRouter(tuple(rules), target(config.default))
+    rejected = None if config.rejected is None else target(config.rejected)
+    public_names = frozenset(
+        {k.config.public_name for k in keys.keys} | ({public_name} if public_name else set())
+    )
+    static = StaticRouter(tuple(rules), target(config.default), rejected, public_names)
     router: IRouter = static
     if config.router is not None:
         maker = resolve_dotted(config.router, "router.factory")

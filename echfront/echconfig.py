@@ -32,6 +32,7 @@ __all__ = [
     "decode_config_list",
     "encode_config_list",
     "hex_preview",
+    "kem_name",
     "parse_config_list_text",
     "validate_public_name",
 ]
@@ -64,6 +65,11 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 class ECHConfigDecodeError(ConfigError):
     """An ECHConfig or ECHConfigList that does not decode."""
+
+
+def kem_name(kem_id: int) -> str:
+    """A readable name for an HPKE KEM identifier."""
+    return _KEM_NAMES.get(kem_id, f"KEM 0x{kem_id:04x}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +188,7 @@ class ECHConfig:
     @property
     def kem_name(self) -> str:
         """A readable KEM name."""
-        return _KEM_NAMES.get(self.kem_id, f"KEM 0x{self.kem_id:04x}")
+        return kem_name(self.kem_id)
 
     @classmethod
     def decode_contents(cls, contents: bytes) -> ECHConfig:

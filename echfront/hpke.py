@@ -28,6 +28,14 @@ X25519 primitives.  Every failure, whatever the primitive raised (an
 ``enc`` of the wrong length, a low-order point, an authentication
 failure), becomes :class:`HPKEError`: for ECH they all mean "this
 candidate key did not work".
+
+The sender side, :func:`seal_context` (SetupBaseS, RFC 9180 §5.1.1) and
+:class:`SenderContext` (ContextS.Seal, §5.2), exists for ``echfront
+check``, which builds a real ClientHelloOuter (RFC 9849 §6.1.1) to prove
+that a published config decrypts.  Its Encap is the mirror of each KEM's
+Decap above, and its key schedule is :func:`_key_schedule`, the same
+derivation the recipient performs (tests/test_probe.py opens what it seals
+with :class:`RecipientKey`, and pyhpke's recipient opens it too).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -63,6 +71,8 @@ __all__ = [
     "HPKEError",
     "RecipientContext",
     "RecipientKey",
+    "SenderContext",
+    "seal_context",
 ]
 
 KDF_HKDF_SHA384 = 0x0002
@@ -386,16 +396,149 @@ class RecipientKey:
             if len(self._info_hashes) >= 64:  # bounded, whatever callers pass
                 self._info_hashes.clear()
             info_hash = self._info_hashes[cache_key] = suite.info_hash(info)
-        context = b"\x00" + suite.psk_id_hash + info_hash  # mode_base
-        secret = _extract(suite.hash_name, shared_secret, suite.secret_label)
-        key = _expand_one_block(
-            suite.hash_name, secret, suite.key_label + context, suite.key_length
-        )
-        nonce = _expand_one_block(
-            suite.hash_name, secret, suite.nonce_label + context, _NONCE_LENGTH
-        )
-        return RecipientContext(suite.aead(key), nonce)
+        aead, nonce = _key_schedule(suite, shared_secret, info_hash)
+        return RecipientContext(aead, nonce)
 
     def __repr__(self) -> str:
         """Never show the private key."""
         return f"<RecipientKey kem=0x{self.kem_id:04x} public={hex_preview(self.public_key)}>"
+
+
+# -- sender ------------------------------------------------------------------------
+#
+# For ``echfront check`` (echfront/probe.py).  Each Encap mirrors the Decap
+# of the same KEM above, with the same constants; both sides share
+# _key_schedule.
+
+
+def _key_schedule(
+    suite: _Suite, shared_secret: bytes, info_hash: bytes
+) -> tuple[AESGCM | ChaCha20Poly1305, bytes]:
+    """KeySchedule for mode_base (RFC 9180 §5.1): the AEAD keyed with ``key``, and base_nonce.
+
+    ``info_hash`` is :meth:`_Suite.info_hash` of the info string; psk_id is
+    empty in mode_base, so psk_id_hash is the suite's constant.
+    """
+    context = b"\x00" + suite.psk_id_hash + info_hash  # mode_base
+    secret = _extract(suite.hash_name, shared_secret, suite.secret_label)
+    key = _expand_one_block(suite.hash_name, secret, suite.key_label + context, suite.key_length)
+    nonce = _expand_one_block(suite.hash_name, secret, suite.nonce_label + context, _NONCE_LENGTH)
+    return suite.aead(key), nonce
+
+
+def _encap_x25519(public_key: bytes, ephemeral: bytes | None) -> tuple[bytes, bytes]:
+    """Encap(pkR) of DHKEM(X25519, HKDF-SHA256) (RFC 9180 §4.1): (shared_secret, enc).
+
+    ``ephemeral`` fixes skE, for the RFC 9180 Appendix A vectors only.
+
+    :raises ValueError: for a public key that is not 32 bytes, or a
+        low-order point (the all-zero DH result, RFC 9180 §7.1.4).
+    """
+    kem = _DHKEMX25519
+    peer = X25519PublicKey.from_public_bytes(public_key)
+    private = (
+        X25519PrivateKey.generate()
+        if ephemeral is None
+        else X25519PrivateKey.from_private_bytes(ephemeral)
+    )
+    dh = private.exchange(peer)
+    enc = private.public_key().public_bytes_raw()
+    # ExtractAndExpand(dh, kem_context = enc || pkRm), exactly as Decap does it.
+    eae_prk = _extract("sha256", b"", kem._EAE_PRK + dh)
+    shared_secret = _expand_one_block("sha256", eae_prk, kem._SHARED_SECRET + enc + public_key, 32)
+    return shared_secret, enc
+
+
+def _encap_xwing(public_key: bytes) -> tuple[bytes, bytes]:
+    """Encapsulate(pk) of X-Wing (draft-connolly-cfrg-xwing-kem §5.4): (ss, ct).
+
+    pk = pk_M (1184 bytes) || pk_X (32); ct = ct_M || ct_X with ct_X the
+    ephemeral X25519 public key; ss = SHA3-256(ss_M || ss_X || ct_X ||
+    pk_X || XWingLabel), the combiner Decap computes.
+
+    :raises ValueError: for a malformed public key or a low-order pk_X.
+    """
+    kem = _MLKEM768X25519
+    if len(public_key) != 1184 + 32:
+        raise ValueError("an MLKEM768-X25519 public key is 1216 bytes")
+    pk_m, pk_x = public_key[:1184], public_key[1184:]
+    try:
+        mlkem = MLKEM768PublicKey.from_public_bytes(pk_m)
+    except UnsupportedAlgorithm as error:
+        raise ValueError(f"ML-KEM-768 is not available here ({error})") from None
+    ss_m, ct_m = mlkem.encapsulate()
+    ephemeral = X25519PrivateKey.generate()
+    ct_x = ephemeral.public_key().public_bytes_raw()
+    ss_x = ephemeral.exchange(X25519PublicKey.from_public_bytes(pk_x))
+    shared_secret = hashlib.sha3_256(ss_m + ss_x + ct_x + pk_x + kem._LABEL).digest()
+    return shared_secret, ct_m + ct_x
+
+
+class SenderContext:
+    """A sender context (RFC 9180 §5.2) that seals plaintexts in sequence.
+
+    For ECH the first ClientHelloOuter seals at sequence 0 and a second one,
+    after a HelloRetryRequest, at sequence 1 on the same context (RFC 9849
+    §6.1.5).
+    """
+
+    __slots__ = ("_aead", "_base_nonce", "_seq")
+
+    def __init__(self, aead: AESGCM | ChaCha20Poly1305, base_nonce: bytes) -> None:
+        """Start at sequence number 0."""
+        self._aead = aead
+        self._base_nonce = int.from_bytes(base_nonce, "big")
+        self._seq = 0
+
+    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
+        """ContextS.Seal (RFC 9180 §5.2): ciphertext and tag; the sequence advances.
+
+        :raises HPKEError: once the sequence number would overflow (§5.2:
+            MessageLimitReachedError), never in practice.
+        """
+        if self._seq >= (1 << (8 * _NONCE_LENGTH)) - 1:
+            raise HPKEError("HPKE message limit reached")
+        nonce = (self._base_nonce ^ self._seq).to_bytes(_NONCE_LENGTH, "big")
+        ciphertext = self._aead.encrypt(nonce, plaintext, aad)
+        self._seq += 1
+        return ciphertext
+
+
+def _setup_base_s(
+    kem_id: int,
+    kdf_id: int,
+    aead_id: int,
+    public_key: bytes,
+    info: bytes,
+    *,
+    ephemeral: bytes | None = None,
+) -> tuple[bytes, SenderContext]:
+    """SetupBaseS; ``ephemeral`` fixes skE for the RFC 9180 X25519 vectors only."""
+    suite = _SUITES.get((kem_id, kdf_id, aead_id))
+    if suite is None:
+        raise HPKEError(f"unsupported HPKE suite 0x{kem_id:04x}/0x{kdf_id:04x}/0x{aead_id:04x}")
+    try:
+        if kem_id == KEM_MLKEM768_X25519:
+            if ephemeral is not None:
+                raise ValueError("a fixed ephemeral key is for DHKEM(X25519) vectors only")
+            shared_secret, enc = _encap_xwing(bytes(public_key))
+        else:
+            shared_secret, enc = _encap_x25519(bytes(public_key), ephemeral)
+    except ValueError as error:
+        raise HPKEError(f"HPKE encapsulation failed ({error})") from None
+    aead, nonce = _key_schedule(suite, shared_secret, suite.info_hash(info))
+    return enc, SenderContext(aead, nonce)
+
+
+def seal_context(
+    kem_id: int, kdf_id: int, aead_id: int, public_key: bytes, info: bytes
+) -> tuple[bytes, SenderContext]:
+    """SetupBaseS(pkR, info) (RFC 9180 §5.1.1): ``enc`` and a sender context.
+
+    ``public_key`` is the serialised pkR an ECHConfig carries; for ECH,
+    ``info`` is "tls ech" || 0x00 || ECHConfig (RFC 9849 §6.1).
+
+    :raises HPKEError: for an unsupported KEM, KDF or AEAD, a malformed
+        public key, or a low-order X25519 point.
+    """
+    return _setup_base_s(kem_id, kdf_id, aead_id, public_key, info)

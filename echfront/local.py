@@ -17,9 +17,10 @@ that matters (see docs/security.rst).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -88,12 +89,50 @@ def load_certificate_options(
         raise ConfigError(f"{cert_path}: the private key does not match the certificate")
     # CertificateOptions hands these straight to pyOpenSSL, which wants
     # cryptography objects (its own X509/PKey types are deprecated).
-    return CertificateOptions(
+    protocols = [p.encode() for p in alpn]
+    options = CertificateOptions(
         privateKey=key.original.to_cryptography_key(),
         certificate=certificate.original.to_cryptography(),
         extraCertChain=[c.original.to_cryptography() for c in extra],
-        acceptableProtocols=[p.encode() for p in alpn] or None,
+        acceptableProtocols=protocols or None,
     )
+    # The context is built once and cached by the options: replace the ALPN
+    # choice Twisted installed (see _select_alpn).
+    options.getContext().set_alpn_select_callback(_select_alpn(protocols))
+    return options
+
+
+class NoApplicationProtocol(SSL.Error):
+    """The client offered ALPN, none of it configured (RFC 7301 §3.2)."""
+
+
+def _select_alpn(
+    protocols: Sequence[bytes],
+) -> Callable[[SSL.Connection, list[bytes]], bytes | SSL._NoOverlappingProtocols]:
+    """The ALPN choice of a local service (RFC 7301 §3.2).
+
+    Twisted's own callback, installed even with no protocols configured,
+    answers an empty protocol when nothing overlaps, which OpenSSL turns
+    into an internal_error alert: every client offering ALPN (every
+    browser) would fail on a service without ``alpn``.  Here, a service
+    without ``alpn`` ignores the extension, and one with ``alpn`` picks its
+    most preferred protocol the client offered, or refuses with the
+    no_application_protocol alert (120), as RFC 7301 §3.2 requires (OpenSSL
+    sends it when the callback fails).
+    """
+
+    def select(
+        connection: SSL.Connection, offered: list[bytes]
+    ) -> bytes | SSL._NoOverlappingProtocols:
+        if not protocols:
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+        for protocol in protocols:
+            if protocol in offered:
+                return protocol
+        # In OpenSSL's error-queue shape, which Twisted's TLS layer reads.
+        raise NoApplicationProtocol([("SSL routines", "", "no application protocol")])
+
+    return select
 
 
 class _UnbufferedTLSFactory(TLSMemoryBIOFactory):

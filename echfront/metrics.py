@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from echfront.front import ConnectionRecord
     from echfront.keys import KeySet
 
-__all__ = ["Metrics", "MetricsResource"]
+__all__ = ["Metrics", "MetricsResource", "key_publications_counter"]
 
 _BYTES_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -121,13 +121,15 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        self.key_publications = key_publications_counter(r)
         self._key_labels: set[tuple[str, str, str, str]] = set()
         self.key_info = Gauge(
             "echfront_ech_key_info",
             "ECH configs in service (1) or retired since start (0), by config_id, KEM and role.",
             ("config_id", "kem", "public_name", "published"),
             registry=r,
-            multiprocess_mode="max",
+            # Only live workers count: a dead worker's keys are not in service.
+            multiprocess_mode="livemax",
         )
 
     def set_keys(self, keys: KeySet) -> None:
@@ -164,6 +166,21 @@ class Metrics:
             self.relayed_bytes.labels("backend_to_client").inc(record.bytes_to_client)
         if record.limit:
             self.limited.labels(record.limit).inc()
+
+
+def key_publications_counter(registry: CollectorRegistry) -> Counter:
+    """``echfront_key_publications_total``: the rotation schedule's publications.
+
+    Rotation runs in one process per deployment (the supervisor with
+    ``--workers``), so this counter is registered where that process
+    serves its metrics.
+    """
+    return Counter(
+        "echfront_key_publications_total",
+        "Publications of new ECH keys to DNS (with verification), by result.",
+        ("result",),
+        registry=registry,
+    )
 
 
 class MetricsResource(Resource):

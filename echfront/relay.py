@@ -413,12 +413,9 @@ class Relay:
             if self._splice_attempts <= _SPLICE_ATTEMPTS:
                 self.clock.callLater(0.002 * self._splice_attempts, self._try_splice)
             return
-        try:
-            session = splice.SpliceSession(
-                self.clock, client_socket, backend_socket, self.front.record, self._spliced
-            )
-        except OSError:
-            return  # out of pipes: the ordinary path still works
+        session = splice.SpliceSession(
+            self.clock, client_socket, backend_socket, self.front.record, self._spliced
+        )
         for transport in (client, backend):
             transport.unregisterProducer()
             getattr(transport, "stopReading")()  # noqa: B009 (not in the typing protocol)

@@ -140,10 +140,16 @@ class StaticRouter:
         ALPN-specific rules before the catch-all for that name.
     :ivar default: the target for names without a rule (and for clients
         that send no server name).
+    :ivar rejected: when set, where connections go whose ECH was rejected
+        and whose outer name is a public name: an ECH-capable server for
+        the public name, which sends the retry configs pyOpenSSL cannot.
+    :ivar public_names: the public names of the configs in service.
     """
 
     rules: tuple[Rule, ...]
     default: Route = UNRECOGNIZED
+    rejected: Route | None = None
+    public_names: frozenset[str] = frozenset()
     _by_pattern: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -178,6 +184,14 @@ class StaticRouter:
 
     def route(self, hello: ClientHelloInfo, peer: IAddress) -> Route:
         """Route by the effective server name and ALPN (IRouter)."""
+        if (
+            self.rejected is not None
+            and hello.status is ECHStatus.REJECTED
+            and hello.server_name in self.public_names
+        ):
+            # RFC 9849 §6.1.6: the client will authenticate the public name
+            # and retry with the retry_configs this target sends.
+            return self.rejected
         rule = self.find(hello.server_name, hello.alpn)
         if rule is None:
             return self.default
@@ -189,4 +203,6 @@ class StaticRouter:
     def targets(self) -> frozenset[Backend | Local]:
         """Every connectable target this table can return."""
         found = {r.target for r in self.rules} | {self.default}
+        if self.rejected is not None:
+            found.add(self.rejected)
         return frozenset(t for t in found if isinstance(t, Backend | Local))

@@ -58,6 +58,8 @@ PIPE_SIZE = 1024 * 1024
 #: Rounds of splice-in/splice-out per readiness event: draining a busy
 #: socket in one wake-up saves an epoll round trip per chunk.
 _ROUNDS = 8
+#: Empty pipes kept for reuse (each costs two descriptors).
+_POOLED_PIPES = 32
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if AVAILABLE else 0
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
@@ -86,8 +88,30 @@ def write_buffer_empty(transport: Any) -> bool:
     return pending == 0 and offset >= len(data) and not getattr(transport, "disconnecting", True)
 
 
+class _Pipe:
+    """A non-blocking pipe, enlarged when the system allows."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.capacity: int = fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            self.capacity = 65536  # the default pipe size
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class _Pump:
-    """One direction: source socket → pipe → destination socket."""
+    """One direction: source socket → pipe → destination socket.
+
+    The pipe is borrowed from the engine's pool only while bytes are in
+    flight and given back as soon as it is empty: an idle connection holds
+    no pipe, so it costs two descriptors (its sockets) as on the ordinary
+    path, and no pipe buffers in the kernel.
+    """
 
     def __init__(
         self, session: SpliceSession, source: _End, sink: _End, count: Callable[[int], None]
@@ -96,23 +120,39 @@ class _Pump:
         self.source = source
         self.sink = sink
         self.count = count
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            self.capacity = fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            self.capacity = 65536  # the default pipe size
+        self.pipe: _Pipe | None = None
         self.pending = 0
         self.ended = False
 
+    @property
+    def full(self) -> bool:
+        return self.pipe is not None and self.pending >= self.pipe.capacity
+
     def pull(self) -> None:
         """Source readable: move what fits into the pipe and push it on, a few times."""
+        self._pull()
+        if self.pipe is not None and not self.pending:
+            self._release()
+
+    def _release(self) -> None:
+        assert self.pipe is not None
+        self.session.engine.give_pipe(self.pipe)
+        self.pipe = None
+
+    def _pull(self) -> None:
         for _ in range(_ROUNDS):
-            room = self.capacity - self.pending
+            if self.pipe is None:
+                try:
+                    self.pipe = self.session.engine.take_pipe()
+                except OSError as error:  # out of descriptors
+                    self.session.fail(error)
+                    return
+            room = self.pipe.capacity - self.pending
             if room <= 0:
                 self.source.want_read(self, False)
                 return
             try:
-                moved = os.splice(self.source.fd, self.write_fd, room, flags=_FLAGS)
+                moved = os.splice(self.source.fd, self.pipe.write_fd, room, flags=_FLAGS)
             except OSError as error:
                 if error.errno not in _RETRY:
                     self.session.fail(error)
@@ -132,17 +172,20 @@ class _Pump:
         :returns: whether the pipe is empty now.
         """
         while self.pending:
+            assert self.pipe is not None
             try:
-                moved = os.splice(self.read_fd, self.sink.fd, self.pending, flags=_FLAGS)
+                moved = os.splice(self.pipe.read_fd, self.sink.fd, self.pending, flags=_FLAGS)
             except OSError as error:
                 if error.errno in _RETRY:
                     self.sink.want_write(self, True)
                     # A full pipe must not keep the source readable in a loop.
-                    self.source.want_read(self, self.pending < self.capacity and not self.ended)
+                    self.source.want_read(self, not self.full and not self.ended)
                     return False
                 self.session.fail(error)
                 return False
             self.pending -= moved
+        if self.pipe is not None:
+            self._release()
         self.sink.want_write(self, False)
         if self.ended:
             self.session.direction_ended(self)
@@ -151,9 +194,12 @@ class _Pump:
         return True
 
     def close(self) -> None:
-        for fd in (self.read_fd, self.write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        if self.pipe is not None:
+            if self.pending:
+                self.pipe.close()  # it still holds bytes nobody will read
+            else:
+                self.session.engine.give_pipe(self.pipe)
+            self.pipe = None
 
 
 class _End:
@@ -200,6 +246,18 @@ class SpliceEngine:
         self.epoll = select.epoll()
         self._ends: dict[int, _End] = {}
         self._masks: dict[int, int] = {}
+        self._pipes: list[_Pipe] = []
+
+    def take_pipe(self) -> _Pipe:
+        """An empty pipe: from the pool, or a new one."""
+        return self._pipes.pop() if self._pipes else _Pipe()
+
+    def give_pipe(self, pipe: _Pipe) -> None:
+        """Take back an empty pipe; keep a few for the next burst."""
+        if len(self._pipes) < _POOLED_PIPES:
+            self._pipes.append(pipe)
+        else:
+            pipe.close()
 
     def fileno(self) -> int:
         """The private epoll descriptor, which the reactor watches."""
@@ -295,16 +353,9 @@ class SpliceSession:
         self._on_finished = finished
         self._client = _End(self, client, "client")
         self._backend = _End(self, backend, "backend")
-        self._pumps: list[_Pump] = []
-        try:
-            self._up = _Pump(self, self._client, self._backend, self._count_up)
-            self._pumps.append(self._up)
-            self._down = _Pump(self, self._backend, self._client, self._count_down)
-            self._pumps.append(self._down)
-        except OSError:
-            for pump in self._pumps:
-                pump.close()
-            raise
+        self._up = _Pump(self, self._client, self._backend, self._count_up)
+        self._down = _Pump(self, self._backend, self._client, self._count_down)
+        self._pumps = [self._up, self._down]
         self._client.reader = self._backend.writer = self._up
         self._backend.reader = self._client.writer = self._down
         self._ended: set[_Pump] = set()

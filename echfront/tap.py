@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -43,8 +43,10 @@ from echfront.config import (
 from echfront.demo import default_state_dir, demo_config
 from echfront.errors import ConfigError
 from echfront.front import FrontFactory
+from echfront.keydir import KeyDirectory
 from echfront.keys import KeySet
-from echfront.metrics import Metrics, MetricsResource
+from echfront.metrics import Metrics, MetricsResource, key_publications_counter
+from echfront.rotation import Rotator
 from echfront.routing import validate_pattern
 from echfront.web import QuietSite
 from echfront.workers import Supervisor, shared_listeners, worker_index, worker_listen
@@ -322,9 +324,13 @@ class FrontService(MultiService):
             def check() -> None:
                 if not self.factory.connections:
                     done.callback(None)
-                elif self.reactor.seconds() >= deadline:
+                    return
+                if self.reactor.seconds() >= deadline:
+                    # Aborting closes on the next reactor turn; keep waiting
+                    # (briefly) so each connection is still logged and counted.
                     for proto in list(self.factory.connections):
                         proto.abort("shutdown", limit="shutdown_grace")
+                if self.reactor.seconds() >= deadline + 2.0:
                     done.callback(None)
                 else:
                     self.reactor.callLater(0.1, check)
@@ -383,11 +389,17 @@ def makeService(options: Options, reactor: Any = None) -> Service:
     try:
         config, lines = options_to_config(options)
         count = options["workers"] or config.workers
-        service: Service
+        service: MultiService
+        publications: Counter | None
         if count > 1 and worker is None:
-            service = _supervisor(options, config, count, reactor)
+            service, reload, publications = _supervisor(options, config, count, reactor)
         else:
-            service = FrontService(lambda: options_to_config(options)[0], reactor, worker=worker)
+            front = FrontService(lambda: options_to_config(options)[0], reactor, worker=worker)
+            service, reload = front, front.reload
+            publications = front.metrics.key_publications
+        if worker is None and config.rotation is not None:
+            # One rotation schedule per deployment: here, never in workers.
+            _rotator(config, reactor, reload, publications).setServiceParent(service)  # type: ignore[no-untyped-call]
     except ConfigError as error:
         # One line, before the reactor starts, and a non-zero exit status.
         sys.stderr.write(f"echfront: error: {error}\n")
@@ -398,8 +410,42 @@ def makeService(options: Options, reactor: Any = None) -> Service:
     return service
 
 
-def _supervisor(options: Options, config: Config, count: int, reactor: Any) -> Service:
-    """The ``--workers`` supervisor: checks the configuration, then runs workers."""
+def _rotator(
+    config: Config, reactor: Any, reload: Callable[[], object], counter: Counter | None
+) -> Rotator:
+    """The key rotation service for ``[keys]``/``[publish]`` (echfront.rotation)."""
+    from echfront.publish import publisher_from_config  # noqa: PLC0415 (needs dnspython)
+
+    assert config.rotation is not None and config.key_directory is not None
+    publisher = publisher_from_config(
+        config.publish,
+        base=config.source.parent if config.source is not None else Path.cwd(),
+        names=config.publish_names,
+        reactor=reactor,
+    )
+
+    def publications(result: str) -> None:
+        if counter is not None:
+            counter.labels(result).inc()
+
+    return Rotator(
+        KeyDirectory(config.key_directory),
+        config.rotation,
+        publisher,
+        reactor,
+        on_change=reload,
+        publications=publications,
+    )
+
+
+def _supervisor(
+    options: Options, config: Config, count: int, reactor: Any
+) -> tuple[MultiService, Callable[[], object], Counter | None]:
+    """The ``--workers`` supervisor: checks the configuration, then runs workers.
+
+    Also returns the key publication counter the supervisor serves beside
+    the workers' sum (rotation runs here), or None without ``--metrics``.
+    """
     build_state(config, reactor, KeySet)  # fail here, once, rather than in every worker
     supervisor = Supervisor(
         reactor,
@@ -408,11 +454,12 @@ def _supervisor(options: Options, config: Config, count: int, reactor: Any) -> S
         listeners=shared_listeners(config.listen),
         grace=config.settings.shutdown_grace,
     )
-    if not config.metrics_listen:
-        return supervisor
     parent = MultiService()
     supervisor.setServiceParent(parent)  # type: ignore[no-untyped-call]
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=supervisor.metrics_dir)
-    metrics_service(config.metrics_listen, registry, reactor).setServiceParent(parent)
-    return parent
+    publications = None
+    if config.metrics_listen:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=supervisor.metrics_dir)
+        publications = key_publications_counter(registry)
+        metrics_service(config.metrics_listen, registry, reactor).setServiceParent(parent)
+    return parent, supervisor.reload, publications

@@ -22,6 +22,7 @@ supervisor, which serves their sum on ``--metrics``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -34,11 +35,11 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.systemd import ListenFDs
 
 from echfront.config import split_endpoint_description
 from echfront.errors import ConfigError
@@ -205,19 +206,29 @@ def _socket_family(fd: int) -> int:
 
 
 def _systemd_listener(description: str, rest: list[str]) -> Listener:
-    options = dict(p.partition("=")[::2] for p in rest)
-    fds = ListenFDs.fromEnvironment()
-    if "name" in options:
-        named = fds.inheritedNamedDescriptors()
-        if options["name"] not in named:
-            raise ConfigError(f"listen: {description!r}: systemd passed no socket of that name")
-        fd = named[options["name"]]
-    else:
-        descriptors = fds.inheritedDescriptors()
-        index = int(options.get("index", "0"))
-        if index >= len(descriptors):
-            raise ConfigError(f"listen: {description!r}: systemd passed no socket {index}")
-        fd = descriptors[index]
+    """A socket systemd passed us, found by Twisted's own ``systemd:`` parser.
+
+    Twisted reads (and removes) LISTEN_FDS when its endpoints module is
+    imported, so the descriptor is looked up through it rather than in the
+    environment.  systemd passes blocking sockets; workers need non-blocking
+    ones, so that is set here, once, for all of them.
+    """
+    from twisted.internet import reactor  # noqa: PLC0415 (the endpoint only parses)
+
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (IndexError, KeyError):
+        raise ConfigError(f"listen: {description!r}: systemd passed no such socket") from None
+    except Exception as error:
+        raise ConfigError(f"listen: {description!r}: {error}") from None
+    fd = getattr(endpoint, "fileno", None)
+    if not isinstance(fd, int):
+        raise ConfigError(f"listen: {description!r}: systemd passed no such socket")
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise ConfigError(f"listen: {description!r}: systemd passed no such socket") from None
+    os.set_blocking(fd, False)
     os.set_inheritable(fd, True)
     return Listener(description, fd=fd, family=_socket_family(fd))
 
@@ -235,6 +246,7 @@ def worker_listen(
     )
     if str(index) in adopted:
         fd = int(adopted[str(index)])
+        os.set_blocking(fd, False)  # adoptStreamPort needs a non-blocking socket
         port: IListeningPort = reactor.adoptStreamPort(fd, _socket_family(fd), factory)
         return port
     spec = parse_tcp_description(description)
@@ -288,6 +300,7 @@ class Supervisor(Service):
         self.count = count
         self.listeners = list(listeners)
         self.grace = grace
+        self._owns_metrics_dir = metrics_dir is None
         self.metrics_dir = metrics_dir or tempfile.mkdtemp(prefix="echfront-metrics-")
         self.workers: dict[int, _WorkerProcess] = {}
         self.restarts = 0
@@ -370,14 +383,27 @@ class Supervisor(Service):
             signal.signal(signal.SIGHUP, self._previous_hup)
         self._stopping = True
         if not self.workers:
+            self._remove_metrics_dir()
             return None
         self._stopped = Deferred()
         for worker in self.workers.values():
             if worker.pid is not None:
                 os.kill(worker.pid, signal.SIGTERM)
         killer = self.reactor.callLater(self.grace + 5.0, self._kill_remaining)
-        self._stopped.addBoth(lambda result: killer.active() and killer.cancel())
+
+        def finished(result: object) -> object:
+            if killer.active():
+                killer.cancel()
+            self._remove_metrics_dir()
+            return result
+
+        self._stopped.addBoth(finished)
         return self._stopped
+
+    def _remove_metrics_dir(self) -> None:
+        """The workers' metric files are only meaningful while they run."""
+        if self._owns_metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _kill_remaining(self) -> None:
         for worker in list(self.workers.values()):

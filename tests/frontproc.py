@@ -191,6 +191,9 @@ class FrontProcess:
     :param args: extra ``echfront`` arguments; ``{port}`` in them is
         replaced by the chosen port.
     :param port: the port to use (default: a free one).
+    :param twistd_args: twistd options that go before ``echfront``, e.g.
+        ``["--logger=echfront.logs.json_observer"]`` (use the ``--opt=value``
+        form: ``--workers`` passes only that form on to its workers).
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class FrontProcess:
         args: Sequence[str] = (),
         port: int | None = None,
         start_timeout: float = START_TIMEOUT,
+        twistd_args: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
@@ -218,6 +222,7 @@ class FrontProcess:
             else:
                 self.config_text = f"listen = [{json.dumps(self.listen)}]\n" + config
         self.args = [a.replace("{port}", str(self.port)) for a in args]
+        self.twistd_args = list(twistd_args)
         self.log_path = workdir / "twistd.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
@@ -244,7 +249,7 @@ class FrontProcess:
         argv += self.args
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(
-                twistd_command(*argv),
+                twistd_command(*self.twistd_args, *argv),
                 cwd=self.workdir,
                 env=_env(),
                 stdin=subprocess.DEVNULL,

@@ -14,6 +14,7 @@ A Twisted TLS client (``optionsForClientTLS`` trusting a
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from twisted.internet.interfaces import IAddress
@@ -100,8 +101,14 @@ class LocalTests(SynchronousTestCase):
             self.servers.append(server)
             return server
 
-        options = load_certificate_options(ISSUED.chain, ISSUED.key)
-        self.target = local_target("local", options, Factory.forProtocol(make_server), self.clock)
+        self.make_server = make_server
+        self.serve(alpn=())
+
+    def serve(self, *, alpn: Sequence[str]) -> None:
+        """Route everything to a local service negotiating ``alpn``."""
+        options = load_certificate_options(ISSUED.chain, ISSUED.key, alpn=alpn)
+        factory = Factory.forProtocol(self.make_server)
+        self.target = local_target("local", options, factory, self.clock)
         state = FrontState(
             ECHDecoder(KeySet()),
             ToLocal(self.target),
@@ -111,17 +118,18 @@ class LocalTests(SynchronousTestCase):
         self.factory = FrontFactory(state, self.clock)
 
     def connect(
-        self, *, read_size: int | None = None
+        self, *, read_size: int | None = None, alpn: Sequence[bytes] | None = None
     ) -> tuple[Pipe, FrontProtocol, TLSMemoryBIOProtocol, TLSClientApp]:
         trust = Certificate.loadPEM(CA.cert_path.read_bytes())
         client_factory = TLSMemoryBIOFactory(
-            optionsForClientTLS(PUBLIC_NAME, trustRoot=trust),
+            optionsForClientTLS(PUBLIC_NAME, trustRoot=trust, acceptableProtocols=alpn),
             True,
             Factory.forProtocol(TLSClientApp),
             clock=self.clock,
         )
         tls_client = client_factory.buildProtocol(CLIENT_ADDRESS)
         front = self.factory.buildProtocol(CLIENT_ADDRESS)
+        assert front is not None
         pipe = self.net.connect(tls_client, front, server_read=read_size)
         app = tls_client.wrappedProtocol
         assert isinstance(app, TLSClientApp)
@@ -152,6 +160,34 @@ class LocalTests(SynchronousTestCase):
         self.net.flush()
         self.assertIsNotNone(self.servers[0].lost)
         self.assertEqual(self.factory.open_connections, 0)
+
+    def test_client_alpn_without_configured_alpn_is_ignored(self) -> None:
+        """RFC 7301 §3.2: a server without ALPN ignores the client's offer."""
+        _pipe, front, tls_client, app = self.connect(alpn=[b"h2", b"http/1.1"])
+        self.net.flush()
+        self.assert_echoed(front, app)
+        self.assertIsNone(tls_client.negotiatedProtocol)
+
+    def test_configured_alpn_picks_the_service_preference(self) -> None:
+        self.serve(alpn=["h2", "http/1.1"])
+        _pipe, front, tls_client, app = self.connect(alpn=[b"http/1.1", b"h2"])
+        self.net.flush()
+        self.assert_echoed(front, app)
+        self.assertEqual(tls_client.negotiatedProtocol, b"h2")
+
+    def test_no_overlapping_alpn_is_refused_with_no_application_protocol(self) -> None:
+        self.serve(alpn=["h2"])
+        _pipe, _front, tls_client, app = self.connect(alpn=[b"imap"])
+        self.net.flush()
+        self.assertEqual(bytes(app.data), b"")
+        self.assertIsNotNone(app.lost)
+        # The client's TLS stack reports the server's alert 120.
+        assert app.lost is not None
+        self.assertIn("tlsv1 alert no application protocol", str(app.lost.value))
+        (server,) = self.servers
+        self.assertEqual(bytes(server.data), b"")
+        self.assertEqual(self.factory.open_connections, 0)
+        self.assertFalse(tls_client._handshakeDone)
 
     def test_first_flight_in_one_byte_reads(self) -> None:
         pipe, front, _tls_client, app = self.connect(read_size=1)

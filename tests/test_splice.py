@@ -10,7 +10,7 @@ import time
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from echfront import splice
@@ -141,6 +141,38 @@ class SpliceSessionTests(TestCase):
             self.assertEqual(record.bytes_from_client, total)
 
         return stalled.addCallback(while_stalled).addCallback(check)
+
+    def test_idle_connections_hold_no_pipes(self) -> Deferred[None]:
+        """Pipes are borrowed only while bytes are in flight, then pooled.
+
+        Forty sessions each move a message and fall idle.  Beyond their
+        sockets the process holds the engine's epoll and at most the pool's
+        empty pipes (32, two descriptors each): bounded, where pipes held per
+        connection would add four descriptors for each of the forty.
+        """
+        baseline = len(os.listdir("/proc/self/fd"))
+        sessions = [self.run_session() for _ in range(40)]
+        for session in sessions:
+            session[2][0].sendall(b"ping" * 1000)
+        settled: Deferred[None] = Deferred()
+        reactor.callLater(0.3, settled.callback, None)
+
+        def check(_: None) -> Deferred[list[BaseException | None]]:
+            for session in sessions:
+                backend_peer = session[2][3]
+                backend_peer.settimeout(5)
+                self.assertEqual(len(backend_peer.recv(1 << 20, socket.MSG_WAITALL)), 4000)
+            extra = len(os.listdir("/proc/self/fd")) - baseline - 4 * 40
+            self.assertLessEqual(extra, 1 + 2 * 32)
+            for session in sessions:
+                session[2][0].shutdown(socket.SHUT_WR)
+                session[2][3].shutdown(socket.SHUT_WR)
+            return gatherResults([done for _, done, _ in sessions])
+
+        def ended(errors: list[BaseException | None]) -> None:
+            self.assertEqual(errors, [None] * 40)
+
+        return settled.addCallback(check).addCallback(ended)
 
     def test_reset_ends_the_session_with_an_error(self) -> Deferred[None]:
         _, done, (client_peer, _, _, backend_peer) = self.run_session()
