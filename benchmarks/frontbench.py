@@ -18,6 +18,10 @@ Fronts compared in one run (every one in front of the same kind of Go
   ``nbthread 1``, routing by ``req.ssl_sni`` (the cost floor of an SNI
   passthrough front: it cannot decrypt ECH).  Installed with apt-get when
   missing and possible, otherwise skipped with a message;
+* ``twisted``: Go client (no ECH) through Twisted's own TCP port forwarder
+  (``twistd portforward``, no SNI routing, no parsing): the cost floor of
+  any relay built on Twisted's TCP transports, for reading the ratios of
+  the echfront fronts to haproxy;
 * ``workers2``: as split, with ``--workers 2``.
 
 Method.  Repeats are the outer loop and fronts the inner one, so a noisy
@@ -108,7 +112,7 @@ from frontbench_proc import (  # noqa: E402
 )
 from frontbench_report import chart, ratios, render, summarize  # noqa: E402
 
-from tests.frontproc import FrontProcess, Pki, free_port, make_pki  # noqa: E402
+from tests.frontproc import FrontProcess, Pki, free_port, make_pki, twistd_command  # noqa: E402
 from tests.gotools import (  # noqa: E402
     ClientOptions,
     GoBackend,
@@ -122,7 +126,7 @@ from tests.gotools import (  # noqa: E402
 
 JSON = dict[str, Any]
 
-FRONTS = ("direct", "split", "local", "haproxy", "workers2")
+FRONTS = ("direct", "split", "local", "haproxy", "twisted", "workers2")
 SECRET = "secret.example"  # relayed to the backend
 PRIVATE = "private.example"  # terminated by echfront (local)
 PUBLIC = "public.example"
@@ -136,7 +140,7 @@ IDLE_CONCURRENCY = 128
 BACKLOG = 1024
 #: Pause with all idle connections open before reading VmRSS.
 IDLE_SETTLE = 1.0
-HAPROXY_START_TIMEOUT = 10.0
+SERVER_START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
 
@@ -313,16 +317,15 @@ def haproxy_config(port: int, backend_port: int, maxconn: int, splice: bool) -> 
     )
 
 
-class HaproxyProcess:
-    """``haproxy -db -f FILE`` in the foreground, stopped by its PID."""
+class ListeningProcess:
+    """A server in the foreground (``argv``), stopped by its PID; ready once it listens."""
 
-    def __init__(self, binary: str, workdir: Path, config: str, port: int) -> None:
-        self.binary = binary
+    def __init__(self, argv: list[str], workdir: Path, port: int, log_name: str) -> None:
+        self.argv = argv
         self.workdir = workdir
-        self.config = config
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "haproxy.log"
+        self.log_path = workdir / log_name
 
     def log_text(self) -> str:
         try:
@@ -330,27 +333,13 @@ class HaproxyProcess:
         except OSError:
             return ""
 
-    def __enter__(self) -> HaproxyProcess:
+    def __enter__(self) -> ListeningProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        path = self.workdir / "haproxy.cfg"
-        path.write_text(self.config)
-        check = subprocess.run(
-            [self.binary, "-c", "-q", "-f", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if check.returncode != 0:
-            raise RuntimeError(f"haproxy -c failed:\n{check.stdout}{check.stderr}")
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [self.binary, "-db", "-f", str(path)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
-        wait_listening(self.proc, self.port, HAPROXY_START_TIMEOUT, self.log_text)
+        wait_listening(self.proc, self.port, SERVER_START_TIMEOUT, self.log_text)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -362,6 +351,38 @@ class HaproxyProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
+
+
+class HaproxyProcess(ListeningProcess):
+    """``haproxy -db -f FILE``, after ``haproxy -c`` accepted the file."""
+
+    def __init__(self, binary: str, workdir: Path, config: str, port: int) -> None:
+        self.binary = binary
+        self.config = config
+        self.path = workdir / "haproxy.cfg"
+        super().__init__([binary, "-db", "-f", str(self.path)], workdir, port, "haproxy.log")
+
+    def __enter__(self) -> HaproxyProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.config)
+        check = subprocess.run(
+            [self.binary, "-c", "-q", "-f", str(self.path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy -c failed:\n{check.stdout}{check.stderr}")
+        super().__enter__()
+        return self
+
+
+def portforward_command(port: int, backend_port: int) -> list[str]:
+    """Twisted's own TCP forwarder from ``port`` to the backend (the ``twisted`` front)."""
+    listen = f"tcp:{port}:interface=127.0.0.1:backlog={BACKLOG}"
+    forward = ["portforward", "-p", listen, "-h", "127.0.0.1", "-d", str(backend_port)]
+    return twistd_command("--logfile=-", *forward)
 
 
 def wait_listening(
@@ -470,6 +491,14 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
                 proxy = stack.enter_context(HaproxyProcess(ctx.haproxy, workdir, text, port))
             assert proxy.proc is not None
             yield Target(front, f"127.0.0.1:{port}", SECRET, None, [proxy.proc.pid], backend)
+            return
+        if front == "twisted":
+            port = free_port()
+            argv = portforward_command(port, backend.port)
+            with ctx.pinning.spawning(ctx.pinning.front):
+                forwarder = stack.enter_context(ListeningProcess(argv, workdir, port, "twistd.log"))
+            assert forwarder.proc is not None
+            yield Target(front, f"127.0.0.1:{port}", SECRET, None, [forwarder.proc.pid], backend)
             return
 
         port = free_port()

@@ -265,6 +265,12 @@ def render(report: JSON) -> str:
             f"  {name:34} {fmt(entry['value']):>7} {entry['unit']:5} "
             f"(target {entry['compare']} {entry['target']}) {status}{extra}"
         )
+    floor = _floor_ratio(report["summary"])
+    if floor is not None:
+        out.append(
+            f"Reference: the twisted front (a bare Twisted TCP forwarder) uses {fmt(floor)}x "
+            "haproxy's CPU per handshake: the least any relay on Twisted's transports costs."
+        )
     for front, reason in report["skipped"].items():
         out.append(f"skipped {front}: {reason}")
     for sample in report["errors"]:
@@ -277,6 +283,13 @@ def render(report: JSON) -> str:
             f"{item['repeat'] + 1} {item['phase']}: {item['problem']}"
         )
     return "\n".join(out)
+
+
+def _floor_ratio(summary: dict[str, JSON]) -> float | None:
+    """Median CPU per handshake of the ``twisted`` front over haproxy's, if both ran."""
+    top = _median(summary, "twisted", "front_cpu_s_per_1k")
+    bottom = _median(summary, "haproxy", "front_cpu_s_per_1k")
+    return top / bottom if top is not None and bottom else None
 
 
 def chart(report: JSON, path: Path) -> str | None:
@@ -296,7 +309,7 @@ def chart(report: JSON, path: Path) -> str | None:
         ("capacity_per_s", "CPU-bound capacity, handshakes/s", "split", 1.7, "1.7x one worker"),
     )
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    colors = {"split": "C0", "local": "C1", "haproxy": "C2", "workers2": "C3"}
+    colors = {"split": "C0", "local": "C1", "haproxy": "C2", "workers2": "C3", "twisted": "C4"}
     for ax, (key, title, reference, factor, label) in zip(axes.flat, panels, strict=True):
         fronts = [f for f in summary if summary[f][key]["n"]]
         medians = [summary[f][key]["median"] for f in fronts]

@@ -33,6 +33,7 @@ from echfront.front import FrontFactory, FrontProtocol, FrontSettings, FrontStat
 from echfront.interfaces import IRouter
 from echfront.keys import KeySet, generate_key
 from echfront.records import CONTENT_HANDSHAKE, frame_records
+from echfront.relay import Relay
 from echfront.routing import Backend, Route
 from tests.echhello import (
     EXT_GROUPS,
@@ -145,8 +146,9 @@ class RelayTestCase(SynchronousTestCase):
 def forwards_to(receive: object) -> object:
     """The write a fast-path counting closure forwards to (or the callable itself)."""
     cells = getattr(receive, "__closure__", None) or ()
-    targets = [c.cell_contents for c in cells if callable(c.cell_contents)]
-    return targets[0] if len(targets) == 1 else receive
+    names = getattr(getattr(receive, "__code__", None), "co_freevars", ())
+    sinks = [c.cell_contents for name, c in zip(names, cells, strict=True) if name == "sink"]
+    return sinks[0] if sinks else receive
 
 
 class ForwardingTests(RelayTestCase):
@@ -260,6 +262,40 @@ class ForwardingTests(RelayTestCase):
         self.net.flush()
         self.assertEqual(bytes(client.data), alert(40))
         self.assert_fast_path(front, pipe, backend_pipe)
+
+    def test_splicing_starts_only_once_bulk_data_flows(self) -> None:
+        """Short exchanges stay on the ordinary path; 64 KiB relayed starts splicing."""
+        pipe, front, _client, _backend_pipe, backend = self.relay_to(plain_hello())
+        relay = front._handler
+        assert isinstance(relay, Relay)
+        tried: list[int] = []
+        relay._try_splice = lambda: tried.append(1)  # type: ignore[method-assign]
+        chunk = b"\x17\x03\x03\x40\x00" + bytes(0x4000)
+        for _ in range(3):  # 48 KiB and a little, both ways
+            pipe.client.write(chunk)
+            backend.send(b"\x17\x03\x03\x00\x02ok")
+            self.net.flush()
+        self.assertEqual(tried, [])
+        pipe.client.write(chunk)  # past 64 KiB
+        self.net.flush()
+        self.assertEqual(tried, [1])
+        pipe.client.write(chunk)
+        backend.send(b"\x17\x03\x03\x00\x02ok")
+        self.net.flush()
+        self.assertEqual(tried, [1])  # once per connection
+        self.assertEqual(front.record.bytes_from_client, 5 * len(chunk))
+
+    def test_without_splice_nothing_is_watched(self) -> None:
+        self.use_backend(self.backend, FrontSettings(splice=False))
+        pipe, front, _client, _backend_pipe, _backend = self.relay_to(plain_hello())
+        relay = front._handler
+        assert isinstance(relay, Relay)
+        self.assertIsNone(relay._watch)
+        for _ in range(5):
+            pipe.client.write(b"\x17\x03\x03\x40\x00" + bytes(0x4000))
+        self.net.flush()
+        self.assertIsNone(relay._splice_at)
+        self.assert_no_connection_timers()
 
     def test_plain_hello_goes_straight_to_the_fast_path(self) -> None:
         records = plain_hello()

@@ -95,6 +95,60 @@ class SpliceSessionTests(TestCase):
 
         return done.addCallback(check)
 
+    def test_bulk_is_moderated_and_interactive_traffic_is_not(self) -> Deferred[None]:
+        """Bulk wake-ups pause the engine for a millisecond; ping-pong never does."""
+        engine = splice.engine_for(reactor)
+        record, done, (client_peer, _, _, backend_peer) = self.run_session()
+        before = engine.moderations
+        answers: list[bytes] = []
+
+        def ping_pong() -> None:
+            for _ in range(50):
+                client_peer.sendall(b"ping")
+                backend_peer.settimeout(10)
+                answers.append(backend_peer.recv(100))
+                backend_peer.sendall(b"pong")
+                client_peer.settimeout(10)
+                answers.append(client_peer.recv(100))
+
+        talker = threading.Thread(target=ping_pong, daemon=True)
+        talker.start()
+        interactive: Deferred[None] = Deferred()
+
+        def wait_talker() -> None:
+            if talker.is_alive():
+                reactor.callLater(0.05, wait_talker)
+            else:
+                interactive.callback(None)
+
+        reactor.callLater(0.05, wait_talker)
+        upload = os.urandom(32 * MiB)
+        received: list[bytes] = []
+
+        def bulk(_: None) -> Deferred[BaseException | None]:
+            self.assertEqual(answers, [b"ping", b"pong"] * 50)
+            self.assertEqual(engine.moderations, before)  # small chunks: never paused
+
+            def send() -> None:
+                client_peer.sendall(upload)
+                client_peer.shutdown(socket.SHUT_WR)
+
+            def receive() -> None:
+                received.append(read_all(backend_peer))
+                backend_peer.shutdown(socket.SHUT_WR)
+
+            for target in (send, receive):
+                threading.Thread(target=target, daemon=True).start()
+            return done
+
+        def check(error: BaseException | None) -> None:
+            self.assertIsNone(error)
+            self.assertEqual(received, [upload])
+            self.assertEqual(record.bytes_from_client, len(upload) + 200)
+            self.assertGreater(engine.moderations, before)
+
+        return interactive.addCallback(bulk).addCallback(check)
+
     def test_flow_control_bounds_buffering(self) -> Deferred[None]:
         """A backend that does not read stalls the client; nothing piles up."""
         record, done, (client_peer, _, _, backend_peer) = self.run_session()
