@@ -159,24 +159,21 @@ def _timed_out(result: object, timeout: float) -> object:
     raise TimeoutError(timeout, "backend connect")
 
 
+def _nothing() -> None:
+    """What follows a relayed chunk when nothing needs to."""
+
+
 def _counted_from_client(
     record: ConnectionRecord,
     sink: Callable[[bytes], object],
-    then: Callable[[], object] | None = None,
+    then: Callable[[], object] = _nothing,
 ) -> Callable[[bytes], None]:
     """``sink``, counting what the client sends; ``then`` is called after each chunk."""
-    if then is None:
 
-        def receive(data: bytes) -> None:
-            record.bytes_from_client += len(data)
-            sink(data)
-
-    else:
-
-        def receive(data: bytes) -> None:
-            record.bytes_from_client += len(data)
-            sink(data)
-            then()
+    def receive(data: bytes) -> None:
+        record.bytes_from_client += len(data)
+        sink(data)
+        then()
 
     return receive
 
@@ -184,21 +181,14 @@ def _counted_from_client(
 def _counted_to_client(
     record: ConnectionRecord,
     sink: Callable[[bytes], object],
-    then: Callable[[], object] | None = None,
+    then: Callable[[], object] = _nothing,
 ) -> Callable[[bytes], None]:
     """``sink``, counting what goes to the client; ``then`` is called after each chunk."""
-    if then is None:
 
-        def receive(data: bytes) -> None:
-            record.bytes_to_client += len(data)
-            sink(data)
-
-    else:
-
-        def receive(data: bytes) -> None:
-            record.bytes_to_client += len(data)
-            sink(data)
-            then()
+    def receive(data: bytes) -> None:
+        record.bytes_to_client += len(data)
+        sink(data)
+        then()
 
     return receive
 
@@ -233,10 +223,9 @@ class Relay:
         self._cancel_connect: Callable[[], object] | None = None
         self._splice: splice.SpliceSession | None = None
         self._splice_attempts = 0
-        #: Called after each relayed chunk when splicing is on (see _SPLICE_AFTER).
-        self._watch: Callable[[], None] | None = (
-            self._watch_bulk if front.state.settings.splice and splice.AVAILABLE else None
-        )
+        #: Called after each relayed chunk (see _SPLICE_AFTER).
+        self._splicing = front.state.settings.splice and splice.AVAILABLE
+        self._watch: Callable[[], None] = self._watch_bulk if self._splicing else _nothing
         #: Total bytes relayed at which to splice; None: not (or no longer) watching.
         self._splice_at: int | None = None
         self._connect_started = 0.0
@@ -424,7 +413,7 @@ class Relay:
         record = self.front.record
         self.front.set_input(_counted_from_client(record, self._peer.transport.write, self._watch))
         self.front.handshake_done()
-        if self._watch is not None:
+        if self._splicing:
             self._splice_at = record.bytes_from_client + record.bytes_to_client + _SPLICE_AFTER
 
     def _watch_bulk(self) -> None:

@@ -290,7 +290,7 @@ class ForwardingTests(RelayTestCase):
         pipe, front, _client, _backend_pipe, _backend = self.relay_to(plain_hello())
         relay = front._handler
         assert isinstance(relay, Relay)
-        self.assertIsNone(relay._watch)
+        self.assertFalse(relay._splicing)
         for _ in range(5):
             pipe.client.write(b"\x17\x03\x03\x40\x00" + bytes(0x4000))
         self.net.flush()
