@@ -123,6 +123,7 @@ from tests.gotools import (  # noqa: E402
     go_binary,
     parse_json_lines,
 )
+from tests.processes import stop_process  # noqa: E402
 
 JSON = dict[str, Any]
 
@@ -343,14 +344,8 @@ class ListeningProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
+        if self.proc is not None:
+            stop_process(self.proc, STOP_TIMEOUT)
 
 
 class HaproxyProcess(ListeningProcess):

@@ -25,6 +25,7 @@ from typing import Any
 
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
+from zope.interface.interface import InterfaceClass
 
 from echfront.decoder import ECHDecoder
 from echfront.echconfig import validate_public_name
@@ -660,6 +661,30 @@ def _public_name(config: Config, keys: KeySet) -> str | None:
     return names[0] if names else None
 
 
+def _call_factory(
+    maker: Callable[[Any], Any],
+    context: object,
+    *,
+    where: str,
+    dotted: str,
+    interface: InterfaceClass,
+    what: str,
+) -> Any:
+    """Call an operator's factory; what it returns must provide ``interface``.
+
+    :raises ConfigError: naming ``where`` when it fails or returns something else.
+    """
+    try:
+        made = maker(context)
+    except Exception as error:  # the operator's code: any failure is a config error
+        raise ConfigError(f"{where}: {dotted} failed: {error}") from None
+    # (A bool first: mypy-zope wrongly narrows a providedBy on a variable interface.)
+    provides: bool = interface.providedBy(made)
+    if not provides:
+        raise ConfigError(f"{where}: {dotted} did not return {what}")
+    return made
+
+
 def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]) -> FrontState:
     """Read files and build everything a :class:`~echfront.front.FrontState` holds.
 
@@ -675,12 +700,14 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
         options = load_certificate_options(local.cert, local.key, alpn=local.alpn)
         maker = resolve_dotted(local.factory, f"{where}.factory")
         context = ServiceContext(reactor, local.options, current_keys, public_name, local.alpn)
-        try:
-            app_factory = maker(context)
-        except Exception as error:
-            raise ConfigError(f"{where}.factory: {local.factory} failed: {error}") from None
-        if not IProtocolFactory.providedBy(app_factory):
-            raise ConfigError(f"{where}.factory: {local.factory} did not return a protocol factory")
+        app_factory = _call_factory(
+            maker,
+            context,
+            where=f"{where}.factory",
+            dotted=local.factory,
+            interface=IProtocolFactory,
+            what="a protocol factory",
+        )
         return local_target(local.name, options, app_factory, reactor)
 
     locals_: dict[str, Local] = {}
@@ -747,12 +774,14 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
             locals_,
             static,
         )
-        try:
-            router = maker(context)
-        except Exception as error:
-            raise ConfigError(f"router.factory: {config.router} failed: {error}") from None
-        if not IRouter.providedBy(router):
-            raise ConfigError(f"router.factory: {config.router} did not return an IRouter")
+        router = _call_factory(
+            maker,
+            context,
+            where="router.factory",
+            dotted=config.router,
+            interface=IRouter,
+            what="an IRouter",
+        )
     targets: frozenset[Backend | Local] = frozenset((*backends.values(), *locals_.values()))
     decoder = ECHDecoder(
         keys,

@@ -30,8 +30,11 @@ __all__ = [
     "ClientHello",
     "Extension",
     "ServerHello",
+    "encode_alpn",
     "encode_client_hello_body",
     "encode_extensions",
+    "encode_server_name",
+    "encode_supported_versions",
     "handshake_message",
     "is_grease",
     "normalize_server_name",
@@ -460,6 +463,23 @@ def encode_extensions(extensions: Iterable[tuple[int, bytes]]) -> bytes:
     """Encode (type, data) pairs as an extension block with its length."""
     block = b"".join(t.to_bytes(2, "big") + len(d).to_bytes(2, "big") + d for t, d in extensions)
     return len(block).to_bytes(2, "big") + block
+
+
+def encode_server_name(host: bytes) -> bytes:
+    """server_name extension data with one host_name (RFC 6066 §3)."""
+    entry = b"\x00" + len(host).to_bytes(2, "big") + host
+    return len(entry).to_bytes(2, "big") + entry
+
+
+def encode_alpn(protocols: Sequence[bytes]) -> bytes:
+    """application_layer_protocol_negotiation extension data (RFC 7301 §3.1)."""
+    names = b"".join(bytes((len(p),)) + p for p in protocols)
+    return len(names).to_bytes(2, "big") + names
+
+
+def encode_supported_versions(versions: Sequence[int]) -> bytes:
+    """ClientHello supported_versions extension data (RFC 8446 §4.2.1)."""
+    return bytes((2 * len(versions),)) + b"".join(v.to_bytes(2, "big") for v in versions)
 
 
 def encode_client_hello_body(

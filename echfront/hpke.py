@@ -303,8 +303,8 @@ _SUITES: dict[tuple[int, int, int], _Suite] = {
 }
 
 
-class RecipientContext:
-    """A receiver context (RFC 9180 §5.2) that opens ciphertexts in sequence."""
+class _Context:
+    """The AEAD, base_nonce and sequence number of an HPKE context (RFC 9180 §5.2)."""
 
     __slots__ = ("_aead", "_base_nonce", "_seq")
 
@@ -314,12 +314,22 @@ class RecipientContext:
         self._base_nonce = int.from_bytes(base_nonce, "big")
         self._seq = 0
 
+    def _nonce(self) -> bytes:
+        """ComputeNonce(seq): base_nonce XOR the sequence number."""
+        return (self._base_nonce ^ self._seq).to_bytes(_NONCE_LENGTH, "big")
+
+
+class RecipientContext(_Context):
+    """A receiver context (RFC 9180 §5.2) that opens ciphertexts in sequence."""
+
+    __slots__ = ()
+
     def open(self, aad: bytes, ciphertext: bytes) -> bytes:
         """ContextR.Open (RFC 9180 §5.2): the sequence advances only on success.
 
         :raises HPKEError: if authentication fails.
         """
-        nonce = (self._base_nonce ^ self._seq).to_bytes(_NONCE_LENGTH, "big")
+        nonce = self._nonce()
         try:
             plaintext = self._aead.decrypt(nonce, ciphertext, aad)
         except InvalidTag:
@@ -474,7 +484,7 @@ def _encap_xwing(public_key: bytes) -> tuple[bytes, bytes]:
     return shared_secret, ct_m + ct_x
 
 
-class SenderContext:
+class SenderContext(_Context):
     """A sender context (RFC 9180 §5.2) that seals plaintexts in sequence.
 
     For ECH the first ClientHelloOuter seals at sequence 0 and a second one,
@@ -482,13 +492,7 @@ class SenderContext:
     §6.1.5).
     """
 
-    __slots__ = ("_aead", "_base_nonce", "_seq")
-
-    def __init__(self, aead: AESGCM | ChaCha20Poly1305, base_nonce: bytes) -> None:
-        """Start at sequence number 0."""
-        self._aead = aead
-        self._base_nonce = int.from_bytes(base_nonce, "big")
-        self._seq = 0
+    __slots__ = ()
 
     def seal(self, aad: bytes, plaintext: bytes) -> bytes:
         """ContextS.Seal (RFC 9180 §5.2): ciphertext and tag; the sequence advances.
@@ -498,8 +502,7 @@ class SenderContext:
         """
         if self._seq >= (1 << (8 * _NONCE_LENGTH)) - 1:
             raise HPKEError("HPKE message limit reached")
-        nonce = (self._base_nonce ^ self._seq).to_bytes(_NONCE_LENGTH, "big")
-        ciphertext = self._aead.encrypt(nonce, plaintext, aad)
+        ciphertext = self._aead.encrypt(self._nonce(), plaintext, aad)
         self._seq += 1
         return ciphertext
 

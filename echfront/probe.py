@@ -42,7 +42,10 @@ from echfront.hello import (
     HANDSHAKE_SERVER_HELLO,
     TLS13,
     ServerHello,
+    encode_alpn,
     encode_client_hello_body,
+    encode_server_name,
+    encode_supported_versions,
     handshake_message,
     normalize_server_name,
 )
@@ -159,23 +162,6 @@ def _u16_list(values: Sequence[int]) -> bytes:
     return len(body).to_bytes(2, "big") + body
 
 
-def _server_name(name: bytes) -> bytes:
-    """server_name extension data with one host_name (RFC 6066 §3)."""
-    entry = b"\x00" + len(name).to_bytes(2, "big") + name
-    return len(entry).to_bytes(2, "big") + entry
-
-
-def _alpn(protocols: Sequence[bytes]) -> bytes:
-    """application_layer_protocol_negotiation extension data (RFC 7301 §3.1)."""
-    names = b"".join(bytes((len(p),)) + p for p in protocols)
-    return len(names).to_bytes(2, "big") + names
-
-
-def _versions(versions: Sequence[int]) -> bytes:
-    """ClientHello supported_versions extension data (RFC 8446 §4.2.1)."""
-    return bytes((2 * len(versions),)) + b"".join(v.to_bytes(2, "big") for v in versions)
-
-
 def _key_share() -> bytes:
     """KeyShareClientHello with one fresh X25519 share (RFC 8446 §4.2.8)."""
     public = X25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -284,11 +270,11 @@ def build_probe(
         (_EXT_SIGNATURE_ALGORITHMS, _u16_list(_SIGNATURE_ALGORITHMS)),
         (_EXT_PSK_KEY_EXCHANGE_MODES, bytes((1, _PSK_DHE_KE))),
     ]
-    alpn_extension = [(EXT_ALPN, _alpn(alpn))] if alpn else []
+    alpn_extension = [(EXT_ALPN, encode_alpn(alpn))] if alpn else []
     inner_extensions = [
-        (EXT_SERVER_NAME, _server_name(name)),
+        (EXT_SERVER_NAME, encode_server_name(name)),
         *shared,
-        (EXT_SUPPORTED_VERSIONS, _versions([TLS13])),
+        (EXT_SUPPORTED_VERSIONS, encode_supported_versions([TLS13])),
         (EXT_KEY_SHARE, _key_share()),
         *alpn_extension,
         (EXT_ECH, bytes((_ECH_INNER,))),
@@ -335,11 +321,11 @@ def build_probe(
         )
 
     outer_extensions = [
-        (EXT_SERVER_NAME, _server_name(config.public_name.encode("ascii"))),
+        (EXT_SERVER_NAME, encode_server_name(config.public_name.encode("ascii"))),
         *shared,
         (_EXT_EC_POINT_FORMATS, b"\x01\x00"),  # uncompressed, for TLS 1.2 (RFC 8422 §5.1.2)
         (_EXT_EXTENDED_MASTER_SECRET, b""),  # for TLS 1.2 (RFC 7627)
-        (EXT_SUPPORTED_VERSIONS, _versions([TLS13, _TLS12])),
+        (EXT_SUPPORTED_VERSIONS, encode_supported_versions([TLS13, _TLS12])),
         (EXT_KEY_SHARE, _key_share()),
         *alpn_extension,
     ]

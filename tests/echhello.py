@@ -23,7 +23,14 @@ from typing import Any
 import pyhpke
 
 from echfront.echconfig import ECHConfig
-from echfront.hello import encode_client_hello_body, encode_extensions, handshake_message
+from echfront.hello import (
+    encode_alpn,
+    encode_client_hello_body,
+    encode_extensions,
+    encode_server_name,
+    encode_supported_versions,
+    handshake_message,
+)
 from echfront.records import HandshakeFlight, HandshakeReader
 
 EXT_SNI, EXT_GROUPS, EXT_SIGALGS, EXT_ALPN = 0x0000, 0x000A, 0x000D, 0x0010
@@ -41,20 +48,11 @@ Ext = tuple[int, bytes]
 
 def sni(name: str) -> bytes:
     """server_name extension data with one host_name (RFC 6066 §3)."""
-    host = name.encode("ascii")
-    entry = b"\x00" + len(host).to_bytes(2, "big") + host
-    return len(entry).to_bytes(2, "big") + entry
+    return encode_server_name(name.encode("ascii"))
 
 
-def alpn(protocols: Sequence[bytes]) -> bytes:
-    """ALPN extension data (RFC 7301 §3.1)."""
-    names = b"".join(bytes((len(p),)) + p for p in protocols)
-    return len(names).to_bytes(2, "big") + names
-
-
-def versions(offered: Sequence[int]) -> bytes:
-    """ClientHello supported_versions extension data (RFC 8446 §4.2.1)."""
-    return bytes((2 * len(offered),)) + b"".join(v.to_bytes(2, "big") for v in offered)
+alpn = encode_alpn
+versions = encode_supported_versions
 
 
 def u16_list(values: Sequence[int]) -> bytes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 from echfront.certs import IssuedCertificate, TestCA
 from echfront.echconfig import encode_config_list
 from echfront.keys import generate_key, write_key_file
+from tests.processes import stop_process
 
 __all__ = [
     "PKI_NAMES",
@@ -299,17 +299,9 @@ class FrontProcess:
 
     def stop(self) -> int | None:
         """SIGTERM the process by its PID, SIGKILL it if it lingers; the exit status."""
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
-        self.returncode = proc.returncode
+        self.returncode = stop_process(self._proc, STOP_TIMEOUT)
         return self.returncode
 
     def __enter__(self) -> FrontProcess:

@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
+from tests.processes import stop_process
+
 __all__ = [
     "GO_SOURCE_DIR",
     "ClientOptions",
@@ -339,19 +341,12 @@ class GoBackend:
 
         Returns the exit status (``None`` if never started).
         """
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(BACKEND_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(BACKEND_STOP_TIMEOUT)
+        status = stop_process(self._proc, BACKEND_STOP_TIMEOUT)
         for thread in self._threads:
             thread.join(BACKEND_STOP_TIMEOUT)
-        return proc.returncode
+        return status
 
     def __enter__(self) -> GoBackend:
         return self.start()

