@@ -16,7 +16,9 @@ and enc, the whole ECH extension, the session id and the record split.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import socket
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,3 +328,34 @@ def grease_extension(config_id: int = 0xA7, payload_length: int = 144) -> bytes:
     payload = bytes((i * 91 + 3) % 256 for i in range(payload_length))
     head = b"\x00\x00\x01\x00\x01" + bytes((config_id,)) + b"\x00\x20" + enc
     return head + payload_length.to_bytes(2, "big") + payload
+
+
+def capture_first_flight(connect: Callable[[int], None]) -> bytes:
+    """Run ``connect(port)`` against a loopback socket; the first flight it sent (records).
+
+    A real client (Go, curl) connects to the port; the records of its first
+    ClientHello are read, then the connection is dropped.  Bounded in time.
+    """
+    flight: list[bytes] = []
+
+    def serve(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            reader = HandshakeReader(1)
+            while True:
+                data = conn.recv(65536)
+                assert data, "client closed before its ClientHello was complete"
+                got = reader.feed(data)
+                if got is not None:
+                    flight.append(got.records)
+                    return
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(15)
+        thread = threading.Thread(target=serve, args=(server,), daemon=True)
+        thread.start()
+        connect(server.getsockname()[1])
+        thread.join(15)
+    assert flight, "no ClientHello captured"
+    return flight[0]

@@ -16,10 +16,12 @@ Nothing here uses a Twisted reactor: tests drive the front with real peers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -362,3 +364,36 @@ def make_pki(directory: Path, public_name: str = "public.example") -> Pki:
         stale_key=stale_key,
         stale_config_list=encode_config_list([stale.config]),
     )
+
+
+# -- raw sockets against a front ------------------------------------------------
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, str]:
+    """Read until EOF, reset or ``timeout``; return the bytes and how it ended."""
+    sock.settimeout(timeout)
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data, "reset"
+        except TimeoutError:
+            return data, "timeout"
+        if not chunk:
+            return data, "eof"
+        data += chunk
+    return data, "timeout"
+
+
+def client_hello_record(server_name: str = "secret.example") -> bytes:
+    """A real TLS ClientHello record (Python's ssl, no ECH)."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    record = outgoing.read()
+    assert record[:1] == b"\x16" and len(record) > 200
+    return record

@@ -11,11 +11,8 @@
 from __future__ import annotations
 
 import base64
-import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from echfront.hello import EXT_ECH, EXT_KEY_SHARE, is_grease
 from echfront.keys import ECHKey, KeySet, read_key_file
 from echfront.records import HandshakeReader
 from tests.boringssl import curl_available, fetch
+from tests.echhello import capture_first_flight
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
 
 pytestmark = pytest.mark.interop
@@ -70,33 +68,6 @@ def go() -> None:
         pytest.skip(str(error))
 
 
-def capture(connect: Callable[[int], None]) -> bytes:
-    """Run ``connect(port)`` against a socket that reads one first flight."""
-    flight: list[bytes] = []
-
-    def serve(server: socket.socket) -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.settimeout(10)
-            reader = HandshakeReader(1)
-            while True:
-                data = conn.recv(65536)
-                assert data, "client closed before its ClientHello was complete"
-                got = reader.feed(data)
-                if got is not None:
-                    flight.append(got.records)
-                    return
-
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        server.settimeout(15)
-        thread = threading.Thread(target=serve, args=(server,), daemon=True)
-        thread.start()
-        connect(server.getsockname()[1])
-        thread.join(15)
-    assert flight, "no ClientHello captured"
-    return flight[0]
-
-
 def decode(records: bytes, key: ECHKey) -> ClientHelloInfo:
     reader = HandshakeReader(1)
     flight = reader.feed(records)
@@ -117,7 +88,7 @@ def test_go_client_hello_decrypts(go: None, keygen: tuple[Path, ECHKey, bytes]) 
             raw_capture=True,
         )
 
-    info = decode(capture(connect), key)
+    info = decode(capture_first_flight(connect), key)
     assert info.status is ECHStatus.ACCEPTED
     assert info.config_id == key.config_id
     assert info.outer.server_name() == PUBLIC
@@ -142,7 +113,7 @@ def test_boringssl_chrome_client_hello_decrypts(keygen: tuple[Path, ECHKey, byte
             timeout=5,
         )
 
-    info = decode(capture(connect), key)
+    info = decode(capture_first_flight(connect), key)
     assert info.status is ECHStatus.ACCEPTED
     assert info.server_name == INNER
     assert info.outer.server_name() == PUBLIC

@@ -34,7 +34,15 @@ from typing import Any, Unpack
 import pytest
 
 from tests.boringssl import FetchResult, curl_available, fetch
-from tests.frontproc import FrontProcess, Pki, free_port, make_pki, run_twistd
+from tests.frontproc import (
+    FrontProcess,
+    Pki,
+    client_hello_record,
+    free_port,
+    make_pki,
+    read_until_closed,
+    run_twistd,
+)
 from tests.gotools import JSON, ClientOptions, GoBackend, find_go, go_binary, run_client
 
 if find_go() is None:
@@ -417,36 +425,6 @@ def test_unknown_name_default_backend(
 
 
 # -- j. bad input on raw sockets ----------------------------------------------
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, str]:
-    """Read until EOF, reset or ``timeout``; return the bytes and how it ended."""
-    sock.settimeout(timeout)
-    data = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data, "reset"
-        except TimeoutError:
-            return data, "timeout"
-        if not chunk:
-            return data, "eof"
-        data += chunk
-    return data, "timeout"
-
-
-def client_hello_record() -> bytes:
-    """A real TLS ClientHello record (Python's ssl, no ECH)."""
-    context = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="secret.example")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    record = outgoing.read()
-    assert record[:1] == b"\x16" and len(record) > 200
-    return record
 
 
 def test_bad_input_then_still_serving(

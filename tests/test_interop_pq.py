@@ -23,12 +23,10 @@ from __future__ import annotations
 import base64
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from echfront.hello import EXT_ECH
 from echfront.keys import ECHKey, KeySet, read_key_file
 from echfront.records import DEFAULT_MAX_FLIGHT, HandshakeReader
 from tests.boringssl import curl_available, fetch
+from tests.echhello import capture_first_flight
 from tests.frontproc import FrontProcess
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
 
@@ -126,33 +125,6 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
     return TestCA(tmp_path_factory.mktemp("pq-ca"))
 
 
-def capture(connect: Callable[[int], None]) -> bytes:
-    """Run ``connect(port)`` against a socket that reads one first flight."""
-    flight: list[bytes] = []
-
-    def serve(server: socket.socket) -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.settimeout(10)
-            reader = HandshakeReader(1, max_bytes=DEFAULT_MAX_FLIGHT)
-            while True:
-                data = conn.recv(65536)
-                assert data, "client closed before its ClientHello was complete"
-                got = reader.feed(data)
-                if got is not None:
-                    flight.append(got.records)
-                    return
-
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        server.settimeout(15)
-        thread = threading.Thread(target=serve, args=(server,), daemon=True)
-        thread.start()
-        connect(server.getsockname()[1])
-        thread.join(15)
-    assert flight, "no ClientHello captured"
-    return flight[0]
-
-
 def decode(records: bytes, keys: Keys) -> ClientHelloInfo:
     """Decode with both keys, the X25519 one listed first (order must not matter)."""
     flight = HandshakeReader(1).feed(records)
@@ -210,7 +182,7 @@ def test_go_client_hello_decrypts_with_the_pq_key(go: None, keys: Keys) -> None:
             raw_capture=True,
         )
 
-    records = capture(connect)
+    records = capture_first_flight(connect)
     info = decode(records, keys)
     assert info.status is ECHStatus.ACCEPTED
     assert info.key is not None and info.key.config.kem_id == KEM_MLKEM768_X25519
@@ -234,7 +206,7 @@ def test_boringssl_hello_decrypts_with_the_x25519_key(boringssl: None, keys: Key
             timeout=5,
         )
 
-    info = decode(capture(connect), keys)
+    info = decode(capture_first_flight(connect), keys)
     assert info.status is ECHStatus.ACCEPTED
     assert info.key is not None and info.key.config.kem_id == KEM_X25519_HKDF_SHA256
     assert info.config_id == CLASSIC_CONFIG_ID

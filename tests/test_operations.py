@@ -60,8 +60,10 @@ from tests.frontproc import (
     REPO_ROOT,
     FrontProcess,
     Pki,
+    client_hello_record,
     free_port,
     make_pki,
+    read_until_closed,
     to_toml,
     twistd_command,
 )
@@ -369,36 +371,6 @@ def assert_all_accepted(lines: list[JSON], summary: JSON, name: str = SECRET) ->
     assert summary["total"] == summary["ok"] == summary["ech_accepted"] == len(lines), summary
     for line in lines:
         assert_accepted(line, name)
-
-
-def client_hello_record() -> bytes:
-    """A real TLS ClientHello record (Python's ssl, no ECH)."""
-    context = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=SECRET)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    record = outgoing.read()
-    assert record[:1] == b"\x16" and len(record) > 200
-    return record
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, str]:
-    """Read until EOF, reset or ``timeout``; the bytes and how it ended."""
-    sock.settimeout(timeout)
-    data = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data, "reset"
-        except TimeoutError:
-            return data, "timeout"
-        if not chunk:
-            return data, "eof"
-        data += chunk
-    return data, "timeout"
 
 
 def still_open(sock: socket.socket) -> bool:
