@@ -318,6 +318,10 @@ class SpliceEngine:
                 self.epoll.unregister(end.fd)
             if not self._ends:
                 self._unwatch()
+                if self._moderating is not None:
+                    # Nothing left to resume; leave no timer behind.
+                    self._moderating.cancel()
+                    self._moderating = None
 
     def _watch(self) -> None:
         """Have the reactor watch the epoll descriptor (unless moderating)."""
