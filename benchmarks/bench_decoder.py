@@ -27,12 +27,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from echfront.decoder import ClientHelloInfo, ECHDecoder, parse_outer_ech, rebuild_inner
-from echfront.echconfig import ECHConfig
-from echfront.hello import EXT_ECH, ClientHello
-from echfront.hpke import RecipientKey
-from echfront.keys import ECHKey, KeySet
-from echfront.records import HandshakeReader
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, parse_outer_ech, rebuild_inner
+from echfront.ech.echconfig import ECHConfig
+from echfront.ech.hpke import RecipientKey
+from echfront.ech.keyset import ECHKey, KeySet
+from echfront.tls.hello import EXT_ECH, ClientHello
+from echfront.tls.records import HandshakeReader
 
 VECTORS = Path(__file__).parent / "vectors"
 #: (label, file): an X25519 hello and a post-quantum one.

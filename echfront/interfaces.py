@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IAddress
 
-    from echfront.decoder import ClientHelloInfo
+    from echfront.ech.decoder import ClientHelloInfo
     from echfront.routing import Route
 
 __all__ = ["IRouter"]

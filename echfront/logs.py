@@ -38,10 +38,10 @@ from typing import IO, TYPE_CHECKING, Any
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from zope.interface import implementer
 
-from echfront.decoder import ECHStatus
+from echfront.ech.decoder import ECHStatus
 
 if TYPE_CHECKING:
-    from echfront.front import ConnectionRecord
+    from echfront.front.protocol import ConnectionRecord
 
 __all__ = [
     "CONNECTION_FIELDS",

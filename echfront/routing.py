@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from zope.interface import implementer
 
-from echfront.decoder import ClientHelloInfo, ECHStatus
+from echfront.ech.decoder import ClientHelloInfo, ECHStatus
 from echfront.errors import AlertDescription, ConfigError
 from echfront.interfaces import IRouter
 

@@ -29,7 +29,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from echfront.config import (
+from echfront.app.demo import default_state_dir, demo_config
+from echfront.app.workers import Supervisor, shared_listeners, worker_index, worker_listen
+from echfront.config.schema import (
     DEFAULT_PUBLIC_FACTORY,
     BackendConfig,
     Config,
@@ -40,16 +42,14 @@ from echfront.config import (
     listen_endpoints,
     load_config_file,
 )
-from echfront.demo import default_state_dir, demo_config
+from echfront.ech.keyset import KeySet
 from echfront.errors import ConfigError
-from echfront.front import FrontFactory
-from echfront.keydir import KeyDirectory
-from echfront.keys import KeySet
-from echfront.metrics import Metrics, MetricsResource, key_publications_counter
-from echfront.rotation import Rotator
+from echfront.front.metrics import Metrics, MetricsResource, key_publications_counter
+from echfront.front.protocol import FrontFactory
+from echfront.keys.keydir import KeyDirectory
+from echfront.keys.rotation import Rotator
 from echfront.routing import validate_pattern
 from echfront.web import QuietSite
-from echfront.workers import Supervisor, shared_listeners, worker_index, worker_listen
 
 __all__ = ["FrontService", "Options", "makeService", "metrics_service"]
 
@@ -413,8 +413,8 @@ def makeService(options: Options, reactor: Any = None) -> Service:
 def _rotator(
     config: Config, reactor: Any, reload: Callable[[], object], counter: Counter | None
 ) -> Rotator:
-    """The key rotation service for ``[keys]``/``[publish]`` (echfront.rotation)."""
-    from echfront.publish import publisher_from_config  # noqa: PLC0415 (needs dnspython)
+    """The key rotation service for ``[keys]``/``[publish]`` (echfront.keys.rotation)."""
+    from echfront.dns.publish import publisher_from_config  # noqa: PLC0415 (needs dnspython)
 
     assert config.rotation is not None and config.key_directory is not None
     publisher = publisher_from_config(

@@ -20,13 +20,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from echfront._version import __version__
-from echfront.decoder import ECHStatus
-from echfront.local import hello_info_for
-from echfront.svcb import origin_svcb_document
+from echfront.dns.svcb import origin_svcb_document
+from echfront.ech.decoder import ECHStatus
+from echfront.front.local import hello_info_for
 
 if TYPE_CHECKING:
-    from echfront.config import ServiceContext
-    from echfront.keys import KeySet
+    from echfront.config.schema import ServiceContext
+    from echfront.ech.keyset import KeySet
 
 __all__ = ["OriginSVCBResource", "QuietSite", "StatusResource", "public_service", "status_site"]
 

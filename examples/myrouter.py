@@ -19,8 +19,8 @@ from __future__ import annotations
 from twisted.internet.interfaces import IAddress
 from zope.interface import implementer
 
-from echfront.config import ServiceContext
-from echfront.decoder import ClientHelloInfo
+from echfront.config.schema import ServiceContext
+from echfront.ech.decoder import ClientHelloInfo
 from echfront.interfaces import IRouter
 from echfront.routing import Backend, Route, StaticRouter
 

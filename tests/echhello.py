@@ -1,6 +1,6 @@
 """A test-side ECH client: builds ClientHelloOuter records as a client does.
 
-It follows RFC 9849 §6.1 independently of :mod:`echfront.decoder`: the
+It follows RFC 9849 §6.1 independently of :mod:`echfront.ech.decoder`: the
 ClientHelloInner is described by an :class:`InnerSpec`, compressed into an
 EncodedClientHelloInner (§5.1), padded (§6.1.3) and sealed with pyhpke's
 *sender* context over the ClientHelloOuterAAD (§5.2).  The result carries
@@ -24,8 +24,8 @@ from typing import Any
 
 import pyhpke
 
-from echfront.echconfig import ECHConfig
-from echfront.hello import (
+from echfront.ech.echconfig import ECHConfig
+from echfront.tls.hello import (
     encode_alpn,
     encode_client_hello_body,
     encode_extensions,
@@ -33,7 +33,7 @@ from echfront.hello import (
     encode_supported_versions,
     handshake_message,
 )
-from echfront.records import HandshakeFlight, HandshakeReader
+from echfront.tls.records import HandshakeFlight, HandshakeReader
 
 EXT_SNI, EXT_GROUPS, EXT_SIGALGS, EXT_ALPN = 0x0000, 0x000A, 0x000D, 0x0010
 EXT_PSK_MODES, EXT_VERSIONS, EXT_KEY_SHARE = 0x002D, 0x002B, 0x0033

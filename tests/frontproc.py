@@ -32,9 +32,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from echfront.certs import IssuedCertificate, TestCA
-from echfront.echconfig import encode_config_list
-from echfront.keys import generate_key, write_key_file
+from echfront.app.certs import IssuedCertificate, TestCA
+from echfront.ech.echconfig import encode_config_list
+from echfront.ech.keyset import generate_key, write_key_file
 from tests.processes import stop_process
 
 __all__ = [

@@ -109,7 +109,7 @@ def sample_config_list(config_id: int, public_name: str = "public.example") -> b
 
     The public key is derived from ``config_id`` (not a real key pair):
     enough for records to publish and compare, and for
-    ``echfront.echconfig.decode_config_list`` to parse.
+    ``echfront.ech.echconfig.decode_config_list`` to parse.
     """
     public_key = hashlib.sha256(b"knotd sample %d" % config_id).digest()
     name = public_name.encode("ascii")

@@ -6,7 +6,7 @@ to a name the front terminates itself, and answers HTTP/1.1 for browsers
 
 * with no ALPN (the Go client) it sends one JSON report line shaped like the
   Go backend's, ``{"backend": "local", "sni": ..., "ech_status": ...,
-  "config_id": ...}``, taken from :func:`echfront.local.hello_info_for`,
+  "config_id": ...}``, taken from :func:`echfront.front.local.hello_info_for`,
   then echoes every byte;
 * when ALPN chose ``http/1.1`` (configure ``alpn = ["http/1.1"]``) it reads
   one request and answers ``200`` with the same report as a JSON body, then
@@ -34,10 +34,10 @@ from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from echfront.local import hello_info_for
+from echfront.front.local import hello_info_for
 
 if TYPE_CHECKING:
-    from echfront.config import ServiceContext
+    from echfront.config.schema import ServiceContext
 
 __all__ = ["EchoReportFactory", "EchoReportProtocol", "echo_factory"]
 

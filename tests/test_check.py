@@ -37,11 +37,11 @@ import dns.update
 import pytest
 from dns.rdtypes.IN.HTTPS import HTTPS
 
-from echfront.certs import TestCA
-from echfront.check import _describe_params, add_check_parser, run_check
-from echfront.cli import _parser
-from echfront.echconfig import KEM_MLKEM768_X25519, encode_config_list
-from echfront.keys import generate_key, read_key_file, write_key_file
+from echfront.app.certs import TestCA
+from echfront.cli.check import _describe_params, add_check_parser, run_check
+from echfront.cli.main import _parser
+from echfront.ech.echconfig import KEM_MLKEM768_X25519, encode_config_list
+from echfront.ech.keyset import generate_key, read_key_file, write_key_file
 from tests.frontproc import REPO_ROOT, FrontProcess, Pki, free_port, make_pki
 from tests.gotools import GoBackend, find_go, go_binary
 from tests.knotd import KNOTD_MISSING, KnotServer

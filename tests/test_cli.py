@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from echfront.cli import main
-from echfront.echconfig import decode_config_list
-from echfront.keys import read_key_file
+from echfront.cli.main import main
+from echfront.ech.echconfig import decode_config_list
+from echfront.ech.keyset import read_key_file
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -11,8 +11,8 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 
-from echfront.certs import TestCA
-from echfront.config import (
+from echfront.app.certs import TestCA
+from echfront.config.schema import (
     Config,
     KeyFileConfig,
     ServiceContext,
@@ -21,9 +21,9 @@ from echfront.config import (
     parse_config,
     resolve_dotted,
 )
-from echfront.decoder import ClientHelloInfo, ECHStatus
+from echfront.ech.decoder import ClientHelloInfo, ECHStatus
+from echfront.ech.keyset import KeySet, generate_key, write_key_file
 from echfront.errors import AlertDescription, ConfigError
-from echfront.keys import KeySet, generate_key, write_key_file
 from echfront.routing import Backend, Local, Reject, StaticRouter
 from tests.test_routing import hello
 

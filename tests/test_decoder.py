@@ -1,4 +1,4 @@
-"""Checklist tests for the split-mode ECH decoder (echfront.decoder).
+"""Checklist tests for the split-mode ECH decoder (echfront.ech.decoder).
 
 One test, or one parametrized case, per row of
 ``/work/shared/docs/ech-spec-checklist.md`` that binds a client-facing
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from echfront.decoder import (
+from echfront.ech.decoder import (
     ClientHelloInfo,
     ECHDecoder,
     ECHStatus,
@@ -27,7 +27,9 @@ from echfront.decoder import (
     parse_outer_ech,
     rebuild_inner,
 )
-from echfront.echconfig import ECHConfig, SymmetricSuite
+from echfront.ech.echconfig import ECHConfig, SymmetricSuite
+from echfront.ech.hpke import RecipientKey
+from echfront.ech.keyset import ECHKey, KeySet, dump_pem, generate_key, load_pem
 from echfront.errors import (
     AlertError,
     ConfigError,
@@ -37,10 +39,8 @@ from echfront.errors import (
     MissingExtension,
     UnexpectedMessage,
 )
-from echfront.hello import EXT_ECH, ClientHello, handshake_message
-from echfront.hpke import RecipientKey
-from echfront.keys import ECHKey, KeySet, dump_pem, generate_key, load_pem
-from echfront.records import HandshakeReader
+from echfront.tls.hello import EXT_ECH, ClientHello, handshake_message
+from echfront.tls.records import HandshakeReader
 from tests.echhello import (
     DEFAULT_EXTENSIONS,
     EXT_ALPN,

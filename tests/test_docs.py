@@ -10,7 +10,7 @@ The reference pages and the README must describe the code as it is:
   in the order shown) and every ``twistd ... echfront ...`` line parses;
 * the README names the two commands a newcomer needs.
 
-The parser's known keys are read from echfront/config.py with ``ast`` (the
+The parser's known keys are read from echfront/config/schema.py with ``ast`` (the
 ``_Section(data, "table", ("key", ...))`` calls), so nothing is added to the
 code for the tests' sake.
 """
@@ -30,14 +30,14 @@ from pathlib import Path
 import pytest
 
 from echfront import cli
-from echfront.config import parse_config
+from echfront.config.schema import parse_config
 from echfront.tap import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 CONFIG_DOC = DOCS / "configuration.rst"
-CONFIG_SOURCE = ROOT / "echfront" / "config.py"
+CONFIG_SOURCE = ROOT / "echfront" / "config" / "schema.py"
 
 #: The two commands of the README (issue 2 and 3): set-up and run, and tests.
 INSTALL_AND_RUN = "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/twistd -n echfront"
@@ -93,7 +93,7 @@ def _table_label(node: ast.expr) -> str | None:
 
 
 def known_config_keys() -> list[KnownKey]:
-    """Every key of every ``_Section(...)`` call in echfront/config.py."""
+    """Every key of every ``_Section(...)`` call in echfront/config/schema.py."""
     tree = ast.parse(CONFIG_SOURCE.read_text(encoding="utf-8"))
     names: dict[str, tuple[str, ...]] = {}
     for statement in tree.body:
@@ -260,8 +260,8 @@ def test_limit_defaults_match_the_code(tmp_path: Path) -> None:
 
 
 def metric_names() -> list[str]:
-    """Every metric echfront/metrics.py registers (the first argument of each metric)."""
-    source = (ROOT / "echfront" / "metrics.py").read_text(encoding="utf-8")
+    """Every metric echfront/front/metrics.py registers (the first argument of each metric)."""
+    source = (ROOT / "echfront" / "front" / "metrics.py").read_text(encoding="utf-8")
     return sorted(set(re.findall(r"\(\s*\"(echfront_[a-z0-9_]+)\"", source)))
 
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`echfront.echconfig`: ECHConfig and ECHConfigList (RFC 9849 §4)."""
+"""Tests for :mod:`echfront.ech.echconfig`: ECHConfig and ECHConfigList (RFC 9849 §4)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echfront.echconfig import (
+from echfront.ech.echconfig import (
     ECH_VERSION,
     ECHConfig,
     ECHConfigDecodeError,

@@ -1,10 +1,10 @@
 # Trial's assertions are untyped, and calls through a subclass escape
 # the project's untyped_calls_exclude = ["twisted"]:
 # mypy: disable-error-code="no-untyped-call"
-"""The client-facing protocol (echfront.front), in memory.
+"""The client-facing protocol (echfront.front.protocol), in memory.
 
-Every test drives a :class:`~echfront.front.FrontProtocol` built by a
-:class:`~echfront.front.FrontFactory` over a recording in-memory transport
+Every test drives a :class:`~echfront.front.protocol.FrontProtocol` built by a
+:class:`~echfront.front.protocol.FrontFactory` over a recording in-memory transport
 (:mod:`tests.twistedhelpers`): the first flight in any fragmentation, the
 pause once the ClientHello is complete, timers on a ``MemoryReactorClock``,
 every refusal's exact alert bytes, routing (synchronous, deferred, failing,
@@ -24,13 +24,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from echfront.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription
-from echfront.front import FrontFactory, FrontProtocol, FrontSettings, FrontState
+from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
 from echfront.interfaces import IRouter
-from echfront.keys import KeySet, generate_key
-from echfront.records import CONTENT_HANDSHAKE, HandshakeFlight, frame_records
 from echfront.routing import Backend, Local, Reject, Route, Rule, StaticRouter
+from echfront.tls.records import CONTENT_HANDSHAKE, HandshakeFlight, frame_records
 from tests.echhello import InnerSpec, grease_extension, seal_hello
 from tests.twistedhelpers import (
     CCS,

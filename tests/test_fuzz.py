@@ -28,10 +28,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from echfront.decoder import ECHDecoder, ECHStatus, SecondHello, rebuild_inner
-from echfront.echconfig import ECHConfig, decode_config_list, parse_config_list_text
+from echfront.ech.decoder import ECHDecoder, ECHStatus, SecondHello, rebuild_inner
+from echfront.ech.echconfig import ECHConfig, decode_config_list, parse_config_list_text
+from echfront.ech.hpke import RecipientKey
+from echfront.ech.keyset import ECHKey, KeySet, dump_pem, generate_key, load_pem
 from echfront.errors import AlertError, ConfigError
-from echfront.hello import (
+from echfront.tls.hello import (
     EXT_ALPN,
     EXT_ECH,
     EXT_ECH_OUTER_EXTENSIONS,
@@ -42,9 +44,7 @@ from echfront.hello import (
     encode_client_hello_body,
     handshake_message,
 )
-from echfront.hpke import RecipientKey
-from echfront.keys import ECHKey, KeySet, dump_pem, generate_key, load_pem
-from echfront.records import HandshakeFlight, HandshakeReader, frame_records
+from echfront.tls.records import HandshakeFlight, HandshakeReader, frame_records
 
 _KAT: dict[str, Any] = json.loads(
     (Path(__file__).parent / "vectors" / "ech-kat-go-client.json").read_text()

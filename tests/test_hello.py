@@ -1,4 +1,4 @@
-"""Tests for :mod:`echfront.hello`: ClientHello and ServerHello parsing (RFC 8446 §4.1)."""
+"""Tests for :mod:`echfront.tls.hello`: ClientHello and ServerHello parsing (RFC 8446 §4.1)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from echfront.errors import DecodeError, IllegalParameter, UnexpectedMessage
-from echfront.hello import (
+from echfront.tls.hello import (
     EXT_ALPN,
     EXT_ECH,
     EXT_KEY_SHARE,

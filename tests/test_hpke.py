@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echfront.hpke import (
+from echfront.ech.hpke import (
     SUPPORTED_AEADS,
     SUPPORTED_KDFS,
     SUPPORTED_KEMS,

@@ -3,7 +3,7 @@
 * Go's crypto/tls client and BoringSSL (curl_cffi, Chrome 136 shape, which
   compresses GREASE types and a post-quantum key share into
   ech_outer_extensions) each send a ClientHello to a capturing socket; the
-  captured first flight decrypts with :class:`echfront.decoder.ECHDecoder`.
+  captured first flight decrypts with :class:`echfront.ech.decoder.ECHDecoder`.
 * Go's tls.Server, loaded with the RFC 9934 file ``echfront keygen``
   wrote, accepts ECH from a Go client using the config list keygen printed.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from echfront.certs import TestCA
-from echfront.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
-from echfront.hello import EXT_ECH, EXT_KEY_SHARE, is_grease
-from echfront.keys import ECHKey, KeySet, read_key_file
-from echfront.records import HandshakeReader
+from echfront.app.certs import TestCA
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.ech.keyset import ECHKey, KeySet, read_key_file
+from echfront.tls.hello import EXT_ECH, EXT_KEY_SHARE, is_grease
+from echfront.tls.records import HandshakeReader
 from tests.boringssl import curl_available, fetch
 from tests.echhello import capture_first_flight
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client

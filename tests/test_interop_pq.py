@@ -32,12 +32,12 @@ from pathlib import Path
 
 import pytest
 
-from echfront.certs import TestCA
-from echfront.decoder import ClientHelloInfo, ECHDecoder, ECHStatus, parse_outer_ech
-from echfront.echconfig import KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256, decode_config_list
-from echfront.hello import EXT_ECH
-from echfront.keys import ECHKey, KeySet, read_key_file
-from echfront.records import DEFAULT_MAX_FLIGHT, HandshakeReader
+from echfront.app.certs import TestCA
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus, parse_outer_ech
+from echfront.ech.echconfig import KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256, decode_config_list
+from echfront.ech.keyset import ECHKey, KeySet, read_key_file
+from echfront.tls.hello import EXT_ECH
+from echfront.tls.records import DEFAULT_MAX_FLIGHT, HandshakeReader
 from tests.boringssl import curl_available, fetch
 from tests.echhello import capture_first_flight
 from tests.frontproc import FrontProcess

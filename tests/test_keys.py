@@ -1,4 +1,4 @@
-"""Tests for :mod:`echfront.keys`: key generation, RFC 9934 PEM files, KeySet.
+"""Tests for :mod:`echfront.ech.keyset`: key generation, RFC 9934 PEM files, KeySet.
 
 OpenSSL interop.  ``openssl ech -public_name NAME -out FILE`` (OpenSSL 4.0,
 ``OSSL_ECHSTORE_new_config`` + ``OSSL_ECHSTORE_write_pem`` in
@@ -42,16 +42,15 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from echfront.echconfig import (
+from echfront.ech.echconfig import (
     ECHConfig,
     ECHConfigExtension,
     SymmetricSuite,
     decode_config_list,
     encode_config_list,
 )
-from echfront.errors import ConfigError
-from echfront.hpke import DEFAULT_SUITES, RecipientKey
-from echfront.keys import (
+from echfront.ech.hpke import DEFAULT_SUITES, RecipientKey
+from echfront.ech.keyset import (
     ECH_INFO_PREFIX,
     ECHKey,
     KeySet,
@@ -62,6 +61,7 @@ from echfront.keys import (
     read_key_file,
     write_key_file,
 )
+from echfront.errors import ConfigError
 
 PKCS8_X25519_PREFIX = bytes.fromhex("302e020100300506032b656e04220420")
 

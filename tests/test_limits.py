@@ -1,12 +1,12 @@
 # Trial's assertions are untyped, and calls through a subclass escape
 # the project's untyped_calls_exclude = ["twisted"]:
 # mypy: disable-error-code="no-untyped-call"
-"""Limits that hold under abuse (echfront.limits, and the front enforcing them).
+"""Limits that hold under abuse (echfront.front.limits, and the front enforcing them).
 
-:class:`~echfront.limits.AddressLimits` is checked on its own with a fake
+:class:`~echfront.front.limits.AddressLimits` is checked on its own with a fake
 clock (token bucket arithmetic, first-flight counting, the sweep, address
 grouping); then every limit is driven through a real
-:class:`~echfront.front.FrontFactory` on a ``MemoryReactorClock`` with the
+:class:`~echfront.front.protocol.FrontFactory` on a ``MemoryReactorClock`` with the
 recording in-memory network of :mod:`tests.twistedhelpers`: max_connections,
 unfinished first flights per address, the HPKE rate (a ClientHello beyond
 it gets handshake_failure, one that costs no HPKE never spends a token),
@@ -21,12 +21,12 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IAddress
 
-from echfront.decoder import ECHStatus
+from echfront.ech.decoder import ECHStatus
 from echfront.errors import AlertDescription
-from echfront.front import FrontFactory, FrontProtocol, FrontSettings
-from echfront.hello import handshake_message
-from echfront.limits import AddressLimits, address_key
+from echfront.front.limits import AddressLimits, address_key
+from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings
 from echfront.routing import Backend
+from echfront.tls.hello import handshake_message
 from tests.echhello import frame, grease_extension, seal_hello
 from tests.test_front import BACKEND_PORT, KEY, FrontTestCase, RecordingRouter
 from tests.twistedhelpers import (

@@ -1,12 +1,12 @@
 # Trial's assertions are untyped, and calls through a subclass escape
 # the project's untyped_calls_exclude = ["twisted"]:
 # mypy: disable-error-code="no-untyped-call"
-"""Local TLS termination (echfront.local), with real pyOpenSSL on both ends.
+"""Local TLS termination (echfront.front.local), with real pyOpenSSL on both ends.
 
 A Twisted TLS client (``optionsForClientTLS`` trusting a
-:class:`~echfront.certs.TestCA` root) talks through a
-:class:`~echfront.front.FrontProtocol` to a ``Local`` target built by
-:func:`~echfront.local.local_target`, all in memory on one
+:class:`~echfront.app.certs.TestCA` root) talks through a
+:class:`~echfront.front.protocol.FrontProtocol` to a ``Local`` target built by
+:func:`~echfront.front.local.local_target`, all in memory on one
 ``MemoryReactorClock`` that also drives Twisted's buffered TLS writes
 (twisted-design.md §A2, §E).
 """
@@ -26,13 +26,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from echfront.certs import TestCA
-from echfront.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.app.certs import TestCA
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.ech.keyset import KeySet
 from echfront.errors import ConfigError
-from echfront.front import FrontFactory, FrontProtocol, FrontSettings, FrontState
+from echfront.front.local import (
+    LocalHandoff,
+    hello_info_for,
+    load_certificate_options,
+    local_target,
+)
+from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
 from echfront.interfaces import IRouter
-from echfront.keys import KeySet
-from echfront.local import LocalHandoff, hello_info_for, load_certificate_options, local_target
 from echfront.routing import Local, Route
 from tests.twistedhelpers import CLIENT_ADDRESS, Network, Pipe
 

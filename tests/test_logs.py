@@ -22,11 +22,11 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 
-from echfront.decoder import ClientHelloInfo, ECHDecoder, ECHStatus, HelloSummary
-from echfront.echconfig import KEM_MLKEM768_X25519
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus, HelloSummary
+from echfront.ech.echconfig import KEM_MLKEM768_X25519
+from echfront.ech.keyset import ECHKey, KeySet, dump_pem, generate_key
 from echfront.errors import AlertDescription
-from echfront.front import ConnectionRecord, FrontSettings
-from echfront.keys import ECHKey, KeySet, dump_pem, generate_key
+from echfront.front.protocol import ConnectionRecord, FrontSettings
 from echfront.logs import (
     CONNECTION_FIELDS,
     BufferedFileLogObserver,

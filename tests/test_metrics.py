@@ -1,11 +1,11 @@
 # Trial's assertions are untyped, and calls through a subclass escape
 # the project's untyped_calls_exclude = ["twisted"]:
 # mypy: disable-error-code="no-untyped-call"
-"""Prometheus metrics (echfront.metrics): counting, key info, the endpoint.
+"""Prometheus metrics (echfront.front.metrics): counting, key info, the endpoint.
 
 :meth:`Metrics.closed` is fed records of every outcome built from real
 decoded hellos; then a known mix of connections goes through a real
-:class:`~echfront.front.FrontFactory` in memory and every counter must
+:class:`~echfront.front.protocol.FrontFactory` in memory and every counter must
 equal the mix (the in-memory form of issue 4's scrape proof), relayed
 bytes included; finally :class:`MetricsResource` is rendered both with a
 ``DummyRequest`` and over HTTP through ``iosim``.
@@ -21,13 +21,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from twisted.web.test.requesthelper import DummyRequest
 
-from echfront.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription
-from echfront.front import ConnectionRecord, FrontFactory, FrontProtocol
-from echfront.hello import handshake_message
-from echfront.keys import KeySet, generate_key
-from echfront.local import load_certificate_options, local_target
-from echfront.metrics import Metrics, MetricsResource
+from echfront.front.local import load_certificate_options, local_target
+from echfront.front.metrics import Metrics, MetricsResource
+from echfront.front.protocol import ConnectionRecord, FrontFactory, FrontProtocol
+from echfront.tls.hello import handshake_message
 from echfront.web import QuietSite
 from tests.echhello import frame, grease_extension, read_flight, seal_hello
 from tests.test_front import KEY, FrontTestCase

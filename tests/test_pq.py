@@ -28,17 +28,15 @@ import pytest
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 
-from echfront.decoder import ECHDecoder, ECHStatus, RejectReason, parse_outer_ech
-from echfront.echconfig import (
+from echfront.ech.decoder import ECHDecoder, ECHStatus, RejectReason, parse_outer_ech
+from echfront.ech.echconfig import (
     KEM_MLKEM768_X25519,
     KEM_X25519_HKDF_SHA256,
     ECHConfig,
     decode_config_list,
 )
-from echfront.errors import ConfigError
-from echfront.hello import EXT_ECH
-from echfront.hpke import _KEMS, DEFAULT_SUITES, HPKEError, RecipientKey
-from echfront.keys import (
+from echfront.ech.hpke import _KEMS, DEFAULT_SUITES, HPKEError, RecipientKey
+from echfront.ech.keyset import (
     ECHKey,
     KeySet,
     dump_pem,
@@ -47,7 +45,9 @@ from echfront.keys import (
     read_key_file,
     write_key_file,
 )
-from echfront.records import DEFAULT_MAX_FLIGHT, HandshakeReader
+from echfront.errors import ConfigError
+from echfront.tls.hello import EXT_ECH
+from echfront.tls.records import DEFAULT_MAX_FLIGHT, HandshakeReader
 from tests.gotools import find_go
 
 VECTORS = Path(__file__).parent / "vectors"

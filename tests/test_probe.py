@@ -1,4 +1,4 @@
-"""The HPKE sender and the ECH probe (echfront/probe.py), offline and against real servers.
+"""The HPKE sender and the ECH probe (echfront/ech/probe.py), offline and against real servers.
 
 Oracles, none of them the code under test:
 
@@ -7,7 +7,7 @@ Oracles, none of them the code under test:
   both KEMs (its correctness is pinned in tests/test_hpke.py and
   tests/test_pq.py);
 * RFC 8448's key schedule values for HKDF-Expand-Label;
-* echfront.decoder.ECHDecoder for the ClientHelloOuter the probe builds;
+* echfront.ech.decoder.ECHDecoder for the ClientHelloOuter the probe builds;
 * for the acceptance verdict, Go's crypto/tls server: holding the ECH key
   itself (shared mode), and behind ``twistd echfront`` as a keyless
   split-mode backend, each computing the RFC 9849 §7.2 / §7.2.1 signal
@@ -28,24 +28,14 @@ import pyhpke
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from echfront.decoder import ECHDecoder, ECHStatus
-from echfront.echconfig import (
+from echfront.ech.decoder import ECHDecoder, ECHStatus
+from echfront.ech.echconfig import (
     KEM_MLKEM768_X25519,
     KEM_X25519_HKDF_SHA256,
     ECHConfig,
     SymmetricSuite,
 )
-from echfront.hello import (
-    EXT_ALPN,
-    EXT_ECH,
-    EXT_ECH_OUTER_EXTENSIONS,
-    EXT_KEY_SHARE,
-    HRR_RANDOM,
-    ClientHello,
-    encode_extensions,
-    handshake_message,
-)
-from echfront.hpke import (
+from echfront.ech.hpke import (
     SUPPORTED_AEADS,
     SUPPORTED_KDFS,
     HPKEError,
@@ -53,8 +43,8 @@ from echfront.hpke import (
     _setup_base_s,
     seal_context,
 )
-from echfront.keys import KeySet, generate_key, read_key_file, write_key_file
-from echfront.probe import (
+from echfront.ech.keyset import KeySet, generate_key, read_key_file, write_key_file
+from echfront.ech.probe import (
     ALERT_NAMES,
     ProbeError,
     ProbeHello,
@@ -67,7 +57,17 @@ from echfront.probe import (
     judge,
     send_probe,
 )
-from echfront.records import HandshakeReader
+from echfront.tls.hello import (
+    EXT_ALPN,
+    EXT_ECH,
+    EXT_ECH_OUTER_EXTENSIONS,
+    EXT_KEY_SHARE,
+    HRR_RANDOM,
+    ClientHello,
+    encode_extensions,
+    handshake_message,
+)
+from echfront.tls.records import HandshakeReader
 from tests.frontproc import FrontProcess, Pki, make_pki
 from tests.gotools import GoBackend, find_go, go_binary
 

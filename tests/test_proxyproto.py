@@ -7,8 +7,8 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-from echfront.decoder import ClientHelloInfo, ECHStatus
-from echfront.proxyproto import (
+from echfront.ech.decoder import ClientHelloInfo, ECHStatus
+from echfront.front.proxyproto import (
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_ECH_CONFIG_ID,
     PP2_TYPE_ECH_STATUS,

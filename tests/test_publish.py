@@ -1,4 +1,4 @@
-"""DNS publication and verification (echfront.publish) against a real Knot DNS.
+"""DNS publication and verification (echfront.dns.publish) against a real Knot DNS.
 
 Every test with a server starts its own ``knotd`` on 127.0.0.1 (see
 tests/knotd.py) and is skipped, with the reason, when knotd is missing.
@@ -37,8 +37,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from echfront.errors import ConfigError
-from echfront.publish import (
+from echfront.dns.publish import (
     PUBLISH_KEYS,
     CommandPublisher,
     DNSServer,
@@ -51,6 +50,7 @@ from echfront.publish import (
     parse_tsig_secret_file,
     publisher_from_config,
 )
+from echfront.errors import ConfigError
 from tests.knotd import KNOTD_MISSING, KnotServer, default_records, sample_config_list
 
 reactor: Any = _reactor

@@ -1,4 +1,4 @@
-"""Tests for :mod:`echfront.records`: record splitting and handshake reassembly.
+"""Tests for :mod:`echfront.tls.records`: record splitting and handshake reassembly.
 
 The ClientHello used throughout is the real ClientHelloOuter of the Go-client
 known-answer vector (``tests/vectors/ech-kat-go-client.json``), re-framed in
@@ -22,8 +22,8 @@ from echfront.errors import (
     RecordOverflow,
     UnexpectedMessage,
 )
-from echfront.hello import HRR_RANDOM, handshake_message
-from echfront.records import (
+from echfront.tls.hello import HRR_RANDOM, handshake_message
+from echfront.tls.records import (
     CONTENT_APPLICATION_DATA,
     CONTENT_CHANGE_CIPHER_SPEC,
     CONTENT_HANDSHAKE,

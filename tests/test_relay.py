@@ -1,9 +1,9 @@
 # Trial's assertions are untyped, and calls through a subclass escape
 # the project's untyped_calls_exclude = ["twisted"]:
 # mypy: disable-error-code="no-untyped-call"
-"""Relaying to a backend (echfront.relay), in memory.
+"""Relaying to a backend (echfront.front.relay), in memory.
 
-The front is a real :class:`~echfront.front.FrontProtocol`; the backend is
+The front is a real :class:`~echfront.front.protocol.FrontProtocol`; the backend is
 a :class:`~tests.twistedhelpers.RecordingServer` listening on a
 ``MemoryReactorClock`` and reached through ``TCP4ClientEndpoint``.  The
 tests check the bytes each side receives, exactly: the rewritten first
@@ -28,13 +28,13 @@ from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from echfront.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
-from echfront.front import FrontFactory, FrontProtocol, FrontSettings, FrontState
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
+from echfront.ech.keyset import KeySet, generate_key
+from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
+from echfront.front.relay import Relay
 from echfront.interfaces import IRouter
-from echfront.keys import KeySet, generate_key
-from echfront.records import CONTENT_HANDSHAKE, frame_records
-from echfront.relay import Relay
 from echfront.routing import Backend, Route
+from echfront.tls.records import CONTENT_HANDSHAKE, frame_records
 from tests.echhello import (
     EXT_GROUPS,
     EXT_KEY_SHARE,

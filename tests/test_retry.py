@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from echfront.echconfig import decode_config_list, encode_config_list
-from echfront.keys import generate_key
+from echfront.ech.echconfig import decode_config_list, encode_config_list
+from echfront.ech.keyset import generate_key
 from tests.frontproc import FrontProcess, Pki, make_pki
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
 

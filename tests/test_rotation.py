@@ -15,15 +15,15 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 
-from echfront.echconfig import (
+from echfront.ech.echconfig import (
     KEM_MLKEM768_X25519,
     KEM_X25519_HKDF_SHA256,
     decode_config_list,
 )
+from echfront.ech.keyset import generate_key
 from echfront.errors import ConfigError
-from echfront.keydir import KeyDirectory, KeyState
-from echfront.keys import generate_key
-from echfront.rotation import RotationPolicy, Rotator, parse_duration
+from echfront.keys.keydir import KeyDirectory, KeyState
+from echfront.keys.rotation import RotationPolicy, Rotator, parse_duration
 
 START = 1_800_000_000.0  # a fixed "now" for the clock
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from echfront.echconfig import decode_config_list
-from echfront.keydir import KeyDirectory, KeyState
+from echfront.ech.echconfig import decode_config_list
+from echfront.keys.keydir import KeyDirectory, KeyState
 from tests.frontproc import FrontProcess, Pki, free_port, make_pki
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
 from tests.knotd import KNOTD_MISSING, KnotServer

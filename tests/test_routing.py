@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from zope.interface.verify import verifyObject
 
-from echfront.decoder import ClientHelloInfo, ECHStatus
+from echfront.ech.decoder import ClientHelloInfo, ECHStatus
 from echfront.errors import AlertDescription, ConfigError
 from echfront.interfaces import IRouter
 from echfront.routing import (

@@ -1,5 +1,5 @@
 # mypy: disable-error-code="no-untyped-call"
-"""Zero-copy relaying (echfront.splice) on real sockets, and through twistd."""
+"""Zero-copy relaying (echfront.front.splice) on real sockets, and through twistd."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from echfront import splice
-from echfront.front import ConnectionRecord
+from echfront.front import splice
+from echfront.front.protocol import ConnectionRecord
 from tests.frontproc import FrontProcess, make_pki
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
 

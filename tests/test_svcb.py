@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from echfront.dns.svcb import https_record, origin_svcb_document
 from echfront.errors import ConfigError
-from echfront.svcb import https_record, origin_svcb_document
 
 LIST = bytes.fromhex("0004fe0d0000")
 

@@ -36,15 +36,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from echfront import tap
-from echfront.certs import TestCA
-from echfront.config import Config, KeyFileConfig, load_config_file
-from echfront.decoder import ECHDecoder, ECHStatus
+from echfront.app.certs import TestCA
+from echfront.app.workers import WORKER_ENV, Supervisor
+from echfront.config.schema import Config, KeyFileConfig, load_config_file
+from echfront.ech.decoder import ECHDecoder, ECHStatus
+from echfront.ech.keyset import ECHKey, KeySet, generate_key, write_key_file
 from echfront.errors import ConfigError
-from echfront.front import FrontSettings, FrontState
-from echfront.keys import ECHKey, KeySet, generate_key, write_key_file
-from echfront.metrics import Metrics, MetricsResource
+from echfront.front.metrics import Metrics, MetricsResource
+from echfront.front.protocol import FrontSettings, FrontState
 from echfront.web import QuietSite
-from echfront.workers import WORKER_ENV, Supervisor
 from tests.echhello import InnerSpec, read_flight, seal_hello
 from tests.test_relay import KEY, FixedRouter, RelayTestCase, inner_records
 from tests.twistedhelpers import (

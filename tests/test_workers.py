@@ -1,4 +1,4 @@
-"""``--workers N`` (echfront.workers): endpoint parsing, shared sockets, supervision.
+"""``--workers N`` (echfront.app.workers): endpoint parsing, shared sockets, supervision.
 
 Parsing is a table.  Sockets are real where the behaviour is the kernel's:
 a ``unix:`` listener bound by the supervisor and inherited, and two
@@ -29,8 +29,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 
-from echfront.errors import ConfigError
-from echfront.workers import (
+from echfront.app.workers import (
     ADOPT_ENV,
     WORKER_ENV,
     Listener,
@@ -42,6 +41,7 @@ from echfront.workers import (
     worker_index,
     worker_listen,
 )
+from echfront.errors import ConfigError
 
 INET, INET6 = socket.AF_INET, socket.AF_INET6
 
@@ -393,7 +393,7 @@ class Kills:
 @pytest.fixture
 def kills(monkeypatch: pytest.MonkeyPatch) -> Kills:
     recorder = Kills()
-    monkeypatch.setattr(os, "kill", recorder)  # what echfront.workers calls
+    monkeypatch.setattr(os, "kill", recorder)  # what echfront.app.workers calls
     return recorder
 
 

@@ -32,7 +32,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echfront.hello import (
+from echfront.tls.hello import (
     HRR_RANDOM,
     encode_client_hello_body,
     encode_extensions,

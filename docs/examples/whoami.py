@@ -14,8 +14,8 @@ from __future__ import annotations
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from echfront.config import ServiceContext
-from echfront.local import hello_info_for
+from echfront.config.schema import ServiceContext
+from echfront.front.local import hello_info_for
 
 
 class WhoAmI(Resource):

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from echfront.echconfig import (
+from echfront.ech.echconfig import (
     KEM_MLKEM768_X25519,
     KEM_X25519_HKDF_SHA256,
     POST_QUANTUM_KEMS,
@@ -57,14 +57,14 @@ from echfront.echconfig import (
     encode_config_list,
     validate_public_name,
 )
-from echfront.errors import ConfigError
-from echfront.hpke import (
+from echfront.ech.hpke import (
     DEFAULT_SUITES,
     SUPPORTED_AEADS,
     SUPPORTED_KDFS,
     SUPPORTED_KEMS,
     RecipientKey,
 )
+from echfront.errors import ConfigError
 
 __all__ = [
     "ECH_INFO_PREFIX",

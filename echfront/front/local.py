@@ -27,14 +27,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-from echfront.decoder import ClientHelloInfo
+from echfront.ech.decoder import ClientHelloInfo
 from echfront.errors import ConfigError, InternalError
 from echfront.routing import Local
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from echfront.front import ConnectionRecord, FrontProtocol, StreamTransport
+    from echfront.front.protocol import ConnectionRecord, FrontProtocol, StreamTransport
 
 __all__ = ["LocalHandoff", "hello_info_for", "load_certificate_options", "local_target"]
 

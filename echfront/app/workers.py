@@ -41,7 +41,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from echfront.config import split_endpoint_description
+from echfront.config.schema import split_endpoint_description
 from echfront.errors import ConfigError
 
 __all__ = [

@@ -32,9 +32,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from echfront.echconfig import KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256
+from echfront.ech.echconfig import KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256
+from echfront.ech.keyset import ECHKey, read_key_file, write_key_file
 from echfront.errors import ConfigError
-from echfront.keys import ECHKey, read_key_file, write_key_file
 
 __all__ = ["KEM_NAMES", "KeyDirectory", "KeyRecord", "KeyState", "utcnow"]
 

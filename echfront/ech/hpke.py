@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from echfront.echconfig import (
+from echfront.ech.echconfig import (
     AEAD_AES_128_GCM,
     AEAD_AES_256_GCM,
     AEAD_CHACHA20_POLY1305,

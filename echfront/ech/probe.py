@@ -5,7 +5,7 @@
 a client does: :func:`build_probe` builds a real ClientHelloInner for the
 target name, encodes and pads it (§5.1, §6.1.3), and seals it into a
 ClientHelloOuter addressed to the config's public_name (§6.1, §6.1.1)
-with :func:`echfront.hpke.seal_context`.  :class:`ResponseReader` then
+with :func:`echfront.ech.hpke.seal_context`.  :class:`ResponseReader` then
 reads the server's first handshake message and decides, as §6.1.4 says a
 client decides, whether ECH was accepted: the ServerHello's random ends
 with the §7.2 accept_confirmation, or a HelloRetryRequest carries the
@@ -30,9 +30,17 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from echfront.echconfig import ECHConfig, SymmetricSuite
+from echfront.ech.echconfig import ECHConfig, SymmetricSuite
+from echfront.ech.hpke import (
+    SUPPORTED_AEADS,
+    SUPPORTED_KDFS,
+    SUPPORTED_KEMS,
+    HPKEError,
+    seal_context,
+)
+from echfront.ech.keyset import ECH_INFO_PREFIX
 from echfront.errors import AlertError, ConfigError
-from echfront.hello import (
+from echfront.tls.hello import (
     EXT_ALPN,
     EXT_ECH,
     EXT_KEY_SHARE,
@@ -49,9 +57,7 @@ from echfront.hello import (
     handshake_message,
     normalize_server_name,
 )
-from echfront.hpke import SUPPORTED_AEADS, SUPPORTED_KDFS, SUPPORTED_KEMS, HPKEError, seal_context
-from echfront.keys import ECH_INFO_PREFIX
-from echfront.records import (
+from echfront.tls.records import (
     CONTENT_ALERT,
     CONTENT_HANDSHAKE,
     MAX_CIPHERTEXT,

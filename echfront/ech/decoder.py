@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from echfront.ech.hpke import HPKEError, RecipientContext
+from echfront.ech.keyset import ECHKey, KeySet
 from echfront.errors import (
     AlertError,
     DecodeError,
@@ -32,16 +34,14 @@ from echfront.errors import (
     IllegalParameter,
     MissingExtension,
 )
-from echfront.hello import (
+from echfront.tls.hello import (
     EXT_ECH,
     EXT_ECH_OUTER_EXTENSIONS,
     HANDSHAKE_CLIENT_HELLO,
     ClientHello,
     Extension,
 )
-from echfront.hpke import HPKEError, RecipientContext
-from echfront.keys import ECHKey, KeySet
-from echfront.records import CONTENT_HANDSHAKE, HandshakeFlight, frame_records
+from echfront.tls.records import CONTENT_HANDSHAKE, HandshakeFlight, frame_records
 
 __all__ = [
     "ClientHelloInfo",

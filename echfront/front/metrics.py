@@ -29,8 +29,8 @@ from twisted.web.resource import Resource
 if TYPE_CHECKING:
     from twisted.web.server import Request
 
-    from echfront.front import ConnectionRecord
-    from echfront.keys import KeySet
+    from echfront.ech.keyset import KeySet
+    from echfront.front.protocol import ConnectionRecord
 
 __all__ = ["Metrics", "MetricsResource", "key_publications_counter"]
 

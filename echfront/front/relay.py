@@ -24,7 +24,7 @@ connection record and calls the other transport's ``write``; counting costs
 one addition per read, and it is what the idle sweep, the logs and the
 metrics read.  On Linux, once the connection has relayed 64 KiB past the
 handshake and both write buffers have drained, the relay goes further and
-hands both sockets to a :class:`~echfront.splice.SpliceSession`, which
+hands both sockets to a :class:`~echfront.front.splice.SpliceSession`, which
 moves bytes inside the kernel (``[relay] splice``, on by default).
 """
 
@@ -47,11 +47,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echfront import splice
 from echfront.errors import AlertDescription, AlertError
-from echfront.hello import HANDSHAKE_CLIENT_HELLO, HANDSHAKE_SERVER_HELLO, ServerHello
-from echfront.proxyproto import proxy_header
-from echfront.records import (
+from echfront.front import splice
+from echfront.front.proxyproto import proxy_header
+from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO, HANDSHAKE_SERVER_HELLO, ServerHello
+from echfront.tls.records import (
     CONTENT_ALERT,
     CONTENT_APPLICATION_DATA,
     CONTENT_CHANGE_CIPHER_SPEC,
@@ -62,8 +62,8 @@ from echfront.records import (
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IReactorTime
 
-    from echfront.decoder import ClientHelloInfo
-    from echfront.front import ConnectionRecord, FrontProtocol, StreamTransport
+    from echfront.ech.decoder import ClientHelloInfo
+    from echfront.front.protocol import ConnectionRecord, FrontProtocol, StreamTransport
     from echfront.routing import Backend
 
 __all__ = ["Relay"]
@@ -431,7 +431,7 @@ class Relay:
     # -- zero copy ---------------------------------------------------------------
 
     def _try_splice(self) -> None:
-        """Hand both sockets to a SpliceSession when it is safe to (see echfront.splice)."""
+        """Hand both sockets to a SpliceSession when it is safe to (see echfront.front.splice)."""
         peer = self._peer
         if self._done or self._client_eof or self._backend_eof or peer is None:
             return

@@ -14,7 +14,7 @@ Three steps, each reported as ``ok:``, ``warning:`` or ``error:`` lines:
    (error); a config the front publishes but DNS lacks is a warning (DNS
    not yet updated, RFC 9849 §8.1.1).
 3. The front: for each config in DNS, a real ClientHelloOuter for NAME
-   (:mod:`echfront.probe`) is sent on its own connection to the record's
+   (:mod:`echfront.ech.probe`) is sent on its own connection to the record's
    endpoint (``--connect`` overrides it), and the first handshake message
    says whether ECH was accepted (RFC 9849 §6.1.4): the backend, or the
    front's local service, confirmed the decrypted ClientHelloInner.
@@ -52,10 +52,10 @@ from dns.rdtypes.svcbbase import (
     PortParam,
 )
 
-from echfront.echconfig import ECHConfig, decode_config_list
+from echfront.ech.echconfig import ECHConfig, decode_config_list
+from echfront.ech.keyset import ECHKey, read_key_file
+from echfront.ech.probe import ProbeError, ProbeStatus, build_probe, send_probe
 from echfront.errors import ConfigError
-from echfront.keys import ECHKey, read_key_file
-from echfront.probe import ProbeError, ProbeStatus, build_probe, send_probe
 
 __all__ = ["add_check_parser", "run_check"]
 
@@ -472,7 +472,7 @@ def _front_keys(args: argparse.Namespace) -> tuple[list[ECHKey], str] | None:
     if args.config is not None:
         # Imported here: the configuration pulls in Twisted, which the other
         # ``echfront`` commands (this module is imported for all) never need.
-        from echfront.config import load_config_file, load_key_set  # noqa: PLC0415
+        from echfront.config.schema import load_config_file, load_key_set  # noqa: PLC0415
 
         # The same loading the front does: [ech] key files and the [keys] directory.
         return list(load_key_set(load_config_file(args.config)).keys), str(args.config)

@@ -4,8 +4,8 @@
 :class:`FrontProtocol` owns the client's connection from accept to close.
 It reads exactly one ClientHello (any fragmentation, bounded in bytes and
 time), asks the decoder what it means and the router where it goes, then
-hands the connection to a relay (:mod:`echfront.relay`) or to local TLS
-(:mod:`echfront.local`).  It stops reading from the client as soon as the
+hands the connection to a relay (:mod:`echfront.front.relay`) or to local TLS
+(:mod:`echfront.front.local`).  It stops reading from the client as soon as the
 ClientHello is complete, so nothing is read past what the hand-off needs,
 and it never closes without telling the client why: every refusal is a
 precise TLS alert.
@@ -30,17 +30,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echfront.decoder import ClientHelloInfo, ECHDecoder, HelloSummary
+from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, HelloSummary
 from echfront.errors import AlertDescription, AlertError, InternalError, alert_record
-from echfront.hello import HANDSHAKE_CLIENT_HELLO
+from echfront.front.limits import AddressLimits, address_key
+from echfront.front.local import LocalHandoff
+from echfront.front.metrics import Metrics
+from echfront.front.relay import Relay
 from echfront.interfaces import IRouter
-from echfront.limits import AddressLimits, address_key
-from echfront.local import LocalHandoff
 from echfront.logs import log_connection
-from echfront.metrics import Metrics
-from echfront.records import DEFAULT_MAX_FLIGHT, HandshakeReader
-from echfront.relay import Relay
 from echfront.routing import Backend, Local, Reject, Route
+from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO
+from echfront.tls.records import DEFAULT_MAX_FLIGHT, HandshakeReader
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall

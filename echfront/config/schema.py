@@ -8,7 +8,7 @@ Loading happens in two steps, both of which report a problem as one
    a frozen :class:`Config` (no files are read, no sockets made);
 2. :func:`build_state` reads key and certificate files, builds endpoints,
    local TLS services and the router, and returns the
-   :class:`~echfront.front.FrontState` the front serves with.
+   :class:`~echfront.front.protocol.FrontState` the front serves with.
 
 A reload runs both steps again and swaps the state only if both succeed.
 The reference for every key is docs/configuration.rst.
@@ -27,15 +27,16 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from zope.interface.interface import InterfaceClass
 
-from echfront.decoder import ECHDecoder
-from echfront.echconfig import validate_public_name
+from echfront.dns.svcb import validate_alpn_id
+from echfront.ech.decoder import ECHDecoder
+from echfront.ech.echconfig import validate_public_name
+from echfront.ech.keyset import KeySet, read_key_file
 from echfront.errors import AlertDescription, ConfigError
-from echfront.front import FrontSettings, FrontState
+from echfront.front.local import load_certificate_options, local_target
+from echfront.front.protocol import FrontSettings, FrontState
 from echfront.interfaces import IRouter
-from echfront.keydir import KEM_NAMES, KeyDirectory
-from echfront.keys import KeySet, read_key_file
-from echfront.local import load_certificate_options, local_target
-from echfront.rotation import RotationPolicy, parse_duration
+from echfront.keys.keydir import KEM_NAMES, KeyDirectory
+from echfront.keys.rotation import RotationPolicy, parse_duration
 from echfront.routing import (
     UNRECOGNIZED,
     Backend,
@@ -46,7 +47,6 @@ from echfront.routing import (
     StaticRouter,
     validate_pattern,
 )
-from echfront.svcb import validate_alpn_id
 
 __all__ = [
     "BackendConfig",
@@ -686,7 +686,7 @@ def _call_factory(
 
 
 def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]) -> FrontState:
-    """Read files and build everything a :class:`~echfront.front.FrontState` holds.
+    """Read files and build everything a :class:`~echfront.front.protocol.FrontState` holds.
 
     :param current_keys: returns the key set in service at call time; local
         services (the origin-svcb document) call it per request, so they

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from echfront._version import __version__
-from echfront.check import add_check_parser, run_check
-from echfront.echconfig import (
+from echfront.cli.check import add_check_parser, run_check
+from echfront.dns.svcb import https_record
+from echfront.ech.echconfig import (
     ECHConfig,
     SymmetricSuite,
     decode_config_list,
@@ -25,10 +26,8 @@ from echfront.echconfig import (
     kem_name,
     parse_config_list_text,
 )
-from echfront.errors import ConfigError
-from echfront.hpke import DEFAULT_SUITES
-from echfront.keydir import KEM_NAMES, KeyDirectory, KeyRecord, KeyState, utcnow
-from echfront.keys import (
+from echfront.ech.hpke import DEFAULT_SUITES
+from echfront.ech.keyset import (
     ECHKey,
     generate_key,
     load_pem,
@@ -36,8 +35,9 @@ from echfront.keys import (
     read_key_file,
     write_key_file,
 )
-from echfront.rotation import parse_duration
-from echfront.svcb import https_record
+from echfront.errors import ConfigError
+from echfront.keys.keydir import KEM_NAMES, KeyDirectory, KeyRecord, KeyState, utcnow
+from echfront.keys.rotation import parse_duration
 
 __all__ = ["main"]
 
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "check":
-        # Its own exit status: 1 when a finding is an error (see echfront.check).
+        # Its own exit status: 1 when a finding is an error (see echfront.cli.check).
         return run_check(args)
     handlers = {"keygen": _keygen, "dns": _dns, "inspect": _inspect, "keys": _keys}
     try:
@@ -402,7 +402,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `echfront inspect x | head -1`
         return 0
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

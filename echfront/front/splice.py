@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from echfront.front import ConnectionRecord
+    from echfront.front.protocol import ConnectionRecord
 
 __all__ = [
     "AVAILABLE",

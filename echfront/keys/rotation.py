@@ -2,7 +2,7 @@
 """Automatic key rotation with DNS publication (RFC 9849 §8.1, §10.10.5).
 
 One :class:`Rotator` per deployment (the single front, or the supervisor
-of ``--workers``) drives the key directory (:mod:`echfront.keydir`):
+of ``--workers``) drives the key directory (:mod:`echfront.keys.keydir`):
 
 1. when no key is active, or the active one is older than ``rotate``, it
    generates a *pending* key set (one key per configured KEM) and makes
@@ -35,16 +35,16 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from echfront.echconfig import KEM_X25519_HKDF_SHA256, encode_config_list
+from echfront.ech.echconfig import KEM_X25519_HKDF_SHA256, encode_config_list
+from echfront.ech.keyset import generate_key, preference_order, read_key_file
 from echfront.errors import ConfigError
-from echfront.keydir import KeyDirectory, KeyRecord, KeyState
-from echfront.keys import generate_key, preference_order, read_key_file
+from echfront.keys.keydir import KeyDirectory, KeyRecord, KeyState
 
 __all__ = ["Publisher", "RotationPolicy", "Rotator"]
 
 
 class Publisher(Protocol):
-    """What rotation needs of a publisher (echfront.publish implements it)."""
+    """What rotation needs of a publisher (echfront.dns.publish implements it)."""
 
     def publish(self, config_list: bytes) -> Deferred[None]:
         """Put ``config_list`` into the HTTPS records of every configured name."""

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.address import IPv4Address, IPv6Address
 
-from echfront.decoder import ClientHelloInfo, ECHStatus
+from echfront.ech.decoder import ClientHelloInfo, ECHStatus
 
 if TYPE_CHECKING:
-    from echfront.front import StreamTransport
+    from echfront.front.protocol import StreamTransport
 
 __all__ = [
     "PP2_TYPE_AUTHORITY",
