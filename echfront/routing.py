@@ -1,14 +1,7 @@
 # -*- test-case-name: tests.test_routing -*-
-"""Route targets and the static routing table.
+"""The static routing table, the router echfront ships.
 
-A connection goes to one of three kinds of target:
-
-* :class:`Backend`: relay raw bytes to a backend reached through a Twisted
-  client endpoint; the backend terminates TLS (and confirms ECH);
-* :class:`Local`: terminate TLS here with pyOpenSSL and hand the plaintext to
-  a Twisted protocol factory;
-* :class:`Reject`: send a TLS alert and close.
-
+The targets it routes to are in :mod:`echfront.targets`.
 :class:`StaticRouter` matches the effective server name (exact names first,
 then the most specific ``*.`` wildcard, which like a certificate wildcard
 stands for exactly one label), then the ALPN list, and applies
@@ -17,76 +10,22 @@ stands for exactly one label), then the ALPN list, and applies
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import implementer
 
 from echfront.ech.decoder import ClientHelloInfo, ECHStatus
-from echfront.errors import AlertDescription, ConfigError
+from echfront.errors import ConfigError
 from echfront.interfaces import IRouter
+from echfront.targets import ECH_REQUIRED_REFUSAL, UNRECOGNIZED, Backend, Local, Route
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
-    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.internet.interfaces import IAddress
 
-__all__ = ["Backend", "Local", "Reject", "Route", "Rule", "StaticRouter", "validate_pattern"]
-
-
-@dataclass(frozen=True, eq=False)
-class Backend:
-    """Relay to a backend that terminates TLS itself (RFC 9849 split mode).
-
-    :ivar name: the configuration name, used in logs and metrics.
-    :ivar endpoint: how to reach it (any Twisted client endpoint).
-    :ivar description: the endpoint string, for logs.
-    :ivar connect_timeout: seconds to wait for the connection.
-    :ivar proxy_protocol: 0 (none), 1 or 2: send a PROXY protocol header first.
-    :ivar address: (host, port) when the endpoint is a plain ``tcp:`` one;
-        the relay then connects with the reactor's connectTCP directly.
-    """
-
-    name: str
-    endpoint: IStreamClientEndpoint
-    description: str = ""
-    connect_timeout: float = 10.0
-    proxy_protocol: int = 0
-    address: tuple[str, int] | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class Local:
-    """Terminate TLS in the front and serve the plaintext with a local factory.
-
-    :ivar name: the configuration name.
-    :ivar tls_factory: a TLSMemoryBIOFactory (server side) wrapping the
-        application factory, with the certificate for the names routed here.
-    """
-
-    name: str
-    tls_factory: TLSMemoryBIOFactory
-
-
-@dataclass(frozen=True)
-class Reject:
-    """Refuse the connection with a TLS alert."""
-
-    alert: AlertDescription
-    reason: str = ""
-
-    @property
-    def name(self) -> str:
-        """A name for logs and metrics: ``reject:<alert>``."""
-        return f"reject:{self.alert.name.lower()}"
-
-
-Route: TypeAlias = Backend | Local | Reject
-
-#: The target for a name that has no route, by default.
-UNRECOGNIZED = Reject(AlertDescription.UNRECOGNIZED_NAME, "no route for this server name")
-#: The target for a require_ech name reached without ECH.
-ECH_REQUIRED_REFUSAL = Reject(AlertDescription.UNRECOGNIZED_NAME, "route requires ECH")
+__all__ = ["Rule", "StaticRouter", "validate_pattern"]
 
 
 def validate_pattern(pattern: str) -> str:
@@ -206,3 +145,22 @@ class StaticRouter:
         if self.rejected is not None:
             found.add(self.rejected)
         return frozenset(t for t in found if isinstance(t, Backend | Local))
+
+
+#: Names this module used to define; they moved to :mod:`echfront.targets`.
+_MOVED_TO_TARGETS = frozenset({"Backend", "Local", "Reject", "Route"})
+
+
+def __getattr__(name: str) -> Any:
+    """Keep ``echfront.targets.Backend`` (and friends) working, with a warning."""
+    if name in _MOVED_TO_TARGETS:
+        warnings.warn(
+            f"echfront.routing.{name} moved to echfront.targets.{name} "
+            f"(also importable as echfront.{name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        import echfront.targets  # noqa: PLC0415
+
+        return getattr(echfront.targets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

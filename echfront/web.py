@@ -25,8 +25,8 @@ from echfront.ech.decoder import ECHStatus
 from echfront.front.local import hello_info_for
 
 if TYPE_CHECKING:
-    from echfront.config.schema import ServiceContext
     from echfront.ech.keyset import KeySet
+    from echfront.interfaces import ServiceContext
 
 __all__ = ["OriginSVCBResource", "QuietSite", "StatusResource", "public_service", "status_site"]
 

@@ -16,25 +16,23 @@ and, in front.toml::
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from zope.interface import implementer
 
-from echfront.config.schema import ServiceContext
-from echfront.ech.decoder import ClientHelloInfo
-from echfront.interfaces import IRouter
-from echfront.routing import Backend, Route, StaticRouter
+from echfront import Backend, ClientHelloInfo, IRouter, Route, ServiceContext
 
 
 @implementer(IRouter)
 class TenantRouter:
     """Route ``<tenant><suffix>`` to backend ``tenant-<tenant>``; else the static table."""
 
-    def __init__(self, suffix: str, backends: dict[str, Backend], fallback: StaticRouter) -> None:
+    def __init__(self, suffix: str, backends: dict[str, Backend], fallback: IRouter) -> None:
         self.suffix = suffix
         self.backends = backends
         self.fallback = fallback
 
-    def route(self, hello: ClientHelloInfo, peer: IAddress) -> Route:
+    def route(self, hello: ClientHelloInfo, peer: IAddress) -> Route | Deferred[Route]:
         name = hello.server_name or ""
         if name.endswith(self.suffix):
             tenant = name[: -len(self.suffix)]

@@ -37,7 +37,7 @@ from zope.interface import implementer
 from echfront.front.local import hello_info_for
 
 if TYPE_CHECKING:
-    from echfront.config.schema import ServiceContext
+    from echfront.interfaces import ServiceContext
 
 __all__ = ["EchoReportFactory", "EchoReportProtocol", "echo_factory"]
 

@@ -15,7 +15,6 @@ from echfront.app.certs import TestCA
 from echfront.config.schema import (
     Config,
     KeyFileConfig,
-    ServiceContext,
     build_state,
     load_config_file,
     parse_config,
@@ -24,7 +23,9 @@ from echfront.config.schema import (
 from echfront.ech.decoder import ClientHelloInfo, ECHStatus
 from echfront.ech.keyset import KeySet, generate_key, write_key_file
 from echfront.errors import AlertDescription, ConfigError
-from echfront.routing import Backend, Local, Reject, StaticRouter
+from echfront.interfaces import ServiceContext
+from echfront.routing import StaticRouter
+from echfront.targets import Backend, Local, Reject
 from tests.test_routing import hello
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

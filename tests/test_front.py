@@ -29,7 +29,8 @@ from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription
 from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
 from echfront.interfaces import IRouter
-from echfront.routing import Backend, Local, Reject, Route, Rule, StaticRouter
+from echfront.routing import Rule, StaticRouter
+from echfront.targets import Backend, Local, Reject, Route
 from echfront.tls.records import CONTENT_HANDSHAKE, HandshakeFlight, frame_records
 from tests.echhello import InnerSpec, grease_extension, seal_hello
 from tests.twistedhelpers import (

@@ -25,7 +25,7 @@ from echfront.ech.decoder import ECHStatus
 from echfront.errors import AlertDescription
 from echfront.front.limits import AddressLimits, address_key
 from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings
-from echfront.routing import Backend
+from echfront.targets import Backend
 from echfront.tls.hello import handshake_message
 from tests.echhello import frame, grease_extension, seal_hello
 from tests.test_front import BACKEND_PORT, KEY, FrontTestCase, RecordingRouter

@@ -38,7 +38,7 @@ from echfront.front.local import (
 )
 from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
 from echfront.interfaces import IRouter
-from echfront.routing import Local, Route
+from echfront.targets import Local, Route
 from tests.twistedhelpers import CLIENT_ADDRESS, Network, Pipe
 
 PUBLIC_NAME = "public.example"

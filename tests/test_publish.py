@@ -41,7 +41,6 @@ from echfront.dns.publish import (
     PUBLISH_KEYS,
     CommandPublisher,
     DNSServer,
-    IPublisher,
     PublishError,
     RFC2136Publisher,
     TSIGKey,
@@ -51,6 +50,7 @@ from echfront.dns.publish import (
     publisher_from_config,
 )
 from echfront.errors import ConfigError
+from echfront.interfaces import IPublisher
 from tests.knotd import KNOTD_MISSING, KnotServer, default_records, sample_config_list
 
 reactor: Any = _reactor

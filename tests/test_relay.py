@@ -33,7 +33,7 @@ from echfront.ech.keyset import KeySet, generate_key
 from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
 from echfront.front.relay import Relay
 from echfront.interfaces import IRouter
-from echfront.routing import Backend, Route
+from echfront.targets import Backend, Route
 from echfront.tls.records import CONTENT_HANDSHAKE, frame_records
 from tests.echhello import (
     EXT_GROUPS,

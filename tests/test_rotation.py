@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
 
 from echfront.ech.echconfig import (
     KEM_MLKEM768_X25519,
@@ -22,6 +23,7 @@ from echfront.ech.echconfig import (
 )
 from echfront.ech.keyset import generate_key
 from echfront.errors import ConfigError
+from echfront.interfaces import IPublisher
 from echfront.keys.keydir import KeyDirectory, KeyState
 from echfront.keys.rotation import RotationPolicy, Rotator, parse_duration
 
@@ -170,6 +172,7 @@ def test_keys_commands(tmp_path: Path) -> None:
 # -- the schedule -----------------------------------------------------------------
 
 
+@implementer(IPublisher)
 class FakePublisher:
     """Records publications; its answers are scripted by the test."""
 

@@ -11,15 +11,8 @@ from zope.interface.verify import verifyObject
 from echfront.ech.decoder import ClientHelloInfo, ECHStatus
 from echfront.errors import AlertDescription, ConfigError
 from echfront.interfaces import IRouter
-from echfront.routing import (
-    ECH_REQUIRED_REFUSAL,
-    UNRECOGNIZED,
-    Backend,
-    Reject,
-    Rule,
-    StaticRouter,
-    validate_pattern,
-)
+from echfront.routing import Rule, StaticRouter, validate_pattern
+from echfront.targets import ECH_REQUIRED_REFUSAL, UNRECOGNIZED, Backend, Reject
 
 PEER = IPv4Address("TCP", "127.0.0.1", 5000)
 

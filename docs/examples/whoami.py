@@ -14,8 +14,8 @@ from __future__ import annotations
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from echfront.config.schema import ServiceContext
 from echfront.front.local import hello_info_for
+from echfront.interfaces import ServiceContext
 
 
 class WhoAmI(Resource):

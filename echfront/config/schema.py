@@ -34,19 +34,11 @@ from echfront.ech.keyset import KeySet, read_key_file
 from echfront.errors import AlertDescription, ConfigError
 from echfront.front.local import load_certificate_options, local_target
 from echfront.front.protocol import FrontSettings, FrontState
-from echfront.interfaces import IRouter
+from echfront.interfaces import IRouter, ServiceContext
 from echfront.keys.keydir import KEM_NAMES, KeyDirectory
 from echfront.keys.rotation import RotationPolicy, parse_duration
-from echfront.routing import (
-    UNRECOGNIZED,
-    Backend,
-    Local,
-    Reject,
-    Route,
-    Rule,
-    StaticRouter,
-    validate_pattern,
-)
+from echfront.routing import Rule, StaticRouter, validate_pattern
+from echfront.targets import UNRECOGNIZED, Backend, Local, Reject, Route
 
 __all__ = [
     "BackendConfig",
@@ -54,7 +46,6 @@ __all__ = [
     "KeyFileConfig",
     "LocalConfig",
     "RouteConfig",
-    "ServiceContext",
     "build_state",
     "load_config_file",
     "load_key_set",
@@ -558,31 +549,6 @@ def load_config_file(path: Path) -> Config:
 
 
 # -- step 2: files, endpoints, services ---------------------------------------
-
-
-@dataclass(frozen=True)
-class ServiceContext:
-    """What a local factory or router factory named in the config is given.
-
-    :ivar reactor: the reactor (use it; never import the global one).
-    :ivar options: the ``options`` table of its section.
-    :ivar keys: returns the key set currently in service (changes on reload).
-    :ivar public_name: the public name, if known.
-    :ivar alpn: the ALPN ids configured for the service.
-    :ivar backends: for routers: configured backends by name.
-    :ivar locals: for routers: configured local services by name; the
-        public-name service, when configured, is ``locals["public"]``.
-    :ivar static: for routers: the static table from ``[[routes]]``, to delegate to.
-    """
-
-    reactor: Any
-    options: Mapping[str, Any]
-    keys: Callable[[], KeySet]
-    public_name: str | None = None
-    alpn: tuple[str, ...] = ()
-    backends: Mapping[str, Backend] = field(default_factory=dict)
-    locals: Mapping[str, Local] = field(default_factory=dict)
-    static: StaticRouter | None = None
 
 
 def resolve_dotted(name: str, where: str) -> Any:

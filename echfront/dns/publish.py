@@ -73,9 +73,10 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from echfront.errors import ConfigError
+from echfront.interfaces import IPublisher
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -85,7 +86,6 @@ __all__ = [
     "CommandPublisher",
     "DNSServer",
     "Finding",
-    "IPublisher",
     "PublishError",
     "RFC2136Publisher",
     "TSIGKey",
@@ -135,29 +135,6 @@ _T = TypeVar("_T")
 
 class PublishError(Exception):
     """Publication or verification failed; the message is one line."""
-
-
-class IPublisher(Interface):
-    """Puts an ECHConfigList into the DNS and checks that it is there."""
-
-    # zope.interface declarations take no self (hence the noqa: N805).
-    def publish(config_list: bytes) -> Deferred[None]:  # noqa: N805
-        """Make the HTTPS records of every configured name carry ``config_list``.
-
-        ``config_list`` is an ECHConfigList with its 2-byte length (RFC 9849
-        §4), which becomes the ``ech`` SvcParam (RFC 9848 §3, key 5) of the
-        records, keeping every other SvcParam, priority, target and TTL of
-        each existing record.  Fails with :class:`PublishError`.
-        """
-
-    def verify(config_list: bytes) -> Deferred[bool]:  # noqa: N805
-        """True when every configured name's records carry exactly ``config_list``.
-
-        The records are queried from the authoritative server(s), and from
-        the DoH resolver when one is configured.  False when answers came
-        back without it; fails with :class:`PublishError` when a source
-        could not be asked (see :meth:`Verifier.verify`).
-        """
 
 
 # -- values -------------------------------------------------------------------

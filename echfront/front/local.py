@@ -29,7 +29,7 @@ from zope.interface import directlyProvides, providedBy
 
 from echfront.ech.decoder import ClientHelloInfo
 from echfront.errors import ConfigError, InternalError
-from echfront.routing import Local
+from echfront.targets import Local
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -152,7 +152,7 @@ class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
 def local_target(
     name: str, options: CertificateOptions, app_factory: IProtocolFactory, clock: IReactorTime
 ) -> Local:
-    """A :class:`~echfront.routing.Local` target terminating TLS with ``options``."""
+    """A :class:`~echfront.targets.Local` target terminating TLS with ``options``."""
     return Local(name, _UnbufferedTLSFactory(options, False, app_factory, clock=clock))
 
 

@@ -38,7 +38,7 @@ from echfront.front.metrics import Metrics
 from echfront.front.relay import Relay
 from echfront.interfaces import IRouter
 from echfront.logs import log_connection
-from echfront.routing import Backend, Local, Reject, Route
+from echfront.targets import Backend, Local, Reject, Route
 from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO
 from echfront.tls.records import DEFAULT_MAX_FLIGHT, HandshakeReader
 

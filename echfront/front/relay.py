@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
     from echfront.ech.decoder import ClientHelloInfo
     from echfront.front.protocol import ConnectionRecord, FrontProtocol, StreamTransport
-    from echfront.routing import Backend
+    from echfront.targets import Backend
 
 __all__ = ["Relay"]
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -38,21 +38,10 @@ from twisted.logger import Logger
 from echfront.ech.echconfig import KEM_X25519_HKDF_SHA256, encode_config_list
 from echfront.ech.keyset import generate_key, preference_order, read_key_file
 from echfront.errors import ConfigError
+from echfront.interfaces import IPublisher
 from echfront.keys.keydir import KeyDirectory, KeyRecord, KeyState
 
-__all__ = ["Publisher", "RotationPolicy", "Rotator"]
-
-
-class Publisher(Protocol):
-    """What rotation needs of a publisher (echfront.dns.publish implements it)."""
-
-    def publish(self, config_list: bytes) -> Deferred[None]:
-        """Put ``config_list`` into the HTTPS records of every configured name."""
-        ...
-
-    def verify(self, config_list: bytes) -> Deferred[bool]:
-        """Whether the authoritative servers now return exactly ``config_list``."""
-        ...
+__all__ = ["RotationPolicy", "Rotator"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +76,7 @@ class Rotator(Service):
         self,
         directory: KeyDirectory,
         policy: RotationPolicy,
-        publisher: Publisher | None,
+        publisher: IPublisher | None,
         clock: Any,
         *,
         on_change: Callable[[], object],
