@@ -38,10 +38,12 @@ import pytest
 from dns.rdtypes.IN.HTTPS import HTTPS
 
 from echfront.app.certs import TestCA
-from echfront.cli.check import _describe_params, add_check_parser, run_check
+from echfront.cli.check import add_check_parser, run_check
+from echfront.cli.check_dns import describe_params
 from echfront.cli.main import _parser
 from echfront.ech.echconfig import KEM_MLKEM768_X25519, encode_config_list
-from echfront.ech.keyset import generate_key, read_key_file, write_key_file
+from echfront.ech.keyset import generate_key
+from echfront.keys.keyfile import read_key_file, write_key_file
 from tests.frontproc import REPO_ROOT, FrontProcess, Pki, free_port, make_pki
 from tests.gotools import GoBackend, find_go, go_binary
 from tests.knotd import KNOTD_MISSING, KnotServer
@@ -480,6 +482,6 @@ def test_record_parameters_are_shown_in_presentation_form() -> None:
     )
     record = dns.rdata.from_text("IN", "HTTPS", "1 . " + text)
     assert isinstance(record, HTTPS)
-    assert _describe_params(record) == (
+    assert describe_params(record) == (
         f"mandatory=alpn alpn=h2 no-default-alpn ech=({len(ech)} bytes) key65000=abc"
     )

@@ -28,6 +28,7 @@ import pyhpke
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from echfront.cli.check_probe import send_probe
 from echfront.ech.decoder import ECHDecoder, ECHStatus
 from echfront.ech.echconfig import (
     KEM_MLKEM768_X25519,
@@ -43,9 +44,8 @@ from echfront.ech.hpke import (
     _setup_base_s,
     seal_context,
 )
-from echfront.ech.keyset import KeySet, generate_key, read_key_file, write_key_file
+from echfront.ech.keyset import KeySet, generate_key
 from echfront.ech.probe import (
-    ALERT_NAMES,
     ProbeError,
     ProbeHello,
     ProbeResult,
@@ -55,8 +55,9 @@ from echfront.ech.probe import (
     build_probe,
     hkdf_expand_label,
     judge,
-    send_probe,
 )
+from echfront.errors import ALERT_NAMES
+from echfront.keys.keyfile import read_key_file, write_key_file
 from echfront.tls.hello import (
     EXT_ALPN,
     EXT_ECH,

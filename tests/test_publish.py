@@ -1,4 +1,4 @@
-"""DNS publication and verification (echfront.dns.publish) against a real Knot DNS.
+"""DNS publication and verification (echfront.dns) against a real Knot DNS.
 
 Every test with a server starts its own ``knotd`` on 127.0.0.1 (see
 tests/knotd.py) and is skipped, with the reason, when knotd is missing.
@@ -12,11 +12,15 @@ http:// to loopback addresses).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import http.server
 import json
 import os
+import socket
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +29,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.query
+import dns.rdatatype
 import dns.rdtypes.svcbbase
 import dns.rrset
 import dns.update
@@ -37,18 +42,11 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from echfront.dns.publish import (
-    PUBLISH_KEYS,
-    CommandPublisher,
-    DNSServer,
-    PublishError,
-    RFC2136Publisher,
-    TSIGKey,
-    Verifier,
-    check_config_list,
-    parse_tsig_secret_file,
-    publisher_from_config,
-)
+from echfront.dns.command import CommandPublisher
+from echfront.dns.doh import DoHClient
+from echfront.dns.publish import PUBLISH_KEYS, publisher_from_config
+from echfront.dns.rfc2136 import RFC2136Publisher, TSIGKey, parse_tsig_secret_file
+from echfront.dns.verify import DNSServer, PublishError, Verifier, check_config_list
 from echfront.errors import ConfigError
 from echfront.interfaces import IPublisher
 from tests.knotd import KNOTD_MISSING, KnotServer, default_records, sample_config_list
@@ -290,6 +288,88 @@ def test_config_errors_command_and_keys(tmp_path: Path, key_file: Path) -> None:
         from_config(table, tmp_path)
     assert from_config({**table, "tsig_key_name": "k."}, tmp_path).key.name == "k."
     assert set(PUBLISH_KEYS) >= {"method", "server", "doh", "command", "verify_servers"}
+
+
+# -- the DoH client, against canned answers -----------------------------------
+
+
+class CannedDoH(http.server.BaseHTTPRequestHandler):
+    """Answers a DoH POST as its path says: well, or in one of the ways it must not."""
+
+    def do_POST(self) -> None:
+        query = dns.message.from_wire(self.rfile.read(int(self.headers["Content-Length"])))
+        answer = dns.message.make_response(query)
+        body, kind = answer.to_wire(), "application/dns-message"
+        if self.path == "/redirect":
+            # urllib would repeat a POST redirected by 302 as a GET without the question.
+            self.send_response(302)
+            self.send_header("Location", "/ok")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path == "/html":
+            kind = "text/html; charset=utf-8"
+        elif self.path == "/huge":
+            body = bytes(70000)
+        elif self.path == "/other":
+            answer.id = 1
+            body = answer.to_wire()
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client stops reading a huge body
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_doh_client_takes_only_a_usable_answer() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CannedDoH)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    name = dns.name.from_text(SECRET)
+    try:
+        client = DoHClient(base + "/ok{?dns}", timeout=2)
+        assert client.url == base + "/ok"  # RFC 8484 §4.1: the template's GET variable
+        assert client.query(name, dns.rdatatype.HTTPS).question[0].name == name
+        unusable = {
+            "/redirect": "HTTP status 302",
+            "/html": "the answer is text/html, not application/dns-message",
+            "/huge": "the answer is longer than 65535 octets",
+            "/other": "the answer does not match the question",
+        }
+        for path, problem in unusable.items():
+            with pytest.raises(ValueError) as caught:
+                DoHClient(base + path, timeout=2).query(name, dns.rdatatype.HTTPS)
+            assert str(caught.value) == problem
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_doh_client_on_a_port_that_is_not_http_or_closed() -> None:
+    name = dns.name.from_text(SECRET)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def banner() -> None:
+            listener.settimeout(5)
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+        thread = threading.Thread(target=banner)
+        thread.start()
+        with pytest.raises(ValueError, match=r"^the answer is not HTTP \("):
+            DoHClient(f"http://127.0.0.1:{port}/", timeout=2).query(name, dns.rdatatype.HTTPS)
+        thread.join(5)
+    with pytest.raises(ConnectionRefusedError):  # closed now: nothing listens
+        DoHClient(f"http://127.0.0.1:{port}/", timeout=2).query(name, dns.rdatatype.HTTPS)
 
 
 # -- against knotd ------------------------------------------------------------

@@ -1,8 +1,13 @@
 """DNS: HTTPS/SVCB records for ECH, publication and verification.
 
-Owns: the HTTPS record and ``origin-svcb`` document (:mod:`~echfront.dns.svcb`),
-RFC 2136 and command publishers and the verifier that asks every
-authoritative server (:mod:`~echfront.dns.publish`).
+Owns: the HTTPS record and ``origin-svcb`` document (:mod:`~echfront.dns.svcb`);
+the verifier that asks every authoritative server, and the values the
+publishers share (:mod:`~echfront.dns.verify`); the one DNS-over-HTTPS
+client (:mod:`~echfront.dns.doh`); the RFC 2136 publisher
+(:mod:`~echfront.dns.rfc2136`) and the command publisher
+(:mod:`~echfront.dns.command`); building either from ``[publish]``
+(:mod:`~echfront.dns.publish`, until the configuration parses it).  The
+DoH responder of ``echfront try`` (:mod:`~echfront.dns.dohserver`).
 
 May import: :mod:`echfront.ech`, :mod:`echfront.errors`,
 :mod:`echfront.interfaces`, dnspython and Twisted.

@@ -6,6 +6,13 @@ of an HTTPS resource record (RFC 9460).  :func:`https_record` renders one
 in zone-file presentation format; :func:`origin_svcb_document` renders the
 JSON a zone factory fetches from ``/.well-known/origin-svcb``
 (draft-ietf-tls-wkech) to publish the same data.
+
+Why our own rendering and not dnspython's HTTPS rdata ``to_text()``: it
+quotes every SvcParam value (``port="8443"``), where zone files and RFC
+9460's examples quote only values that need it, and the line printed by
+``echfront dns`` is meant to be pasted into a zone file as the operator
+reads it.  The configuration schema imports :func:`validate_alpn_id`, so this
+module also stays free of dnspython.
 """
 
 from __future__ import annotations

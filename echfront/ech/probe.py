@@ -13,8 +13,15 @@ with the §7.2 accept_confirmation, or a HelloRetryRequest carries the
 Both are computed here from the ClientHelloInner this module built.
 
 Nothing beyond the first handshake message is read and no handshake keys
-are derived: the verdict needs neither.  The one blocking helper,
-:func:`send_probe`, is for the command line; everything else works on bytes.
+are derived: the verdict needs neither.  Everything here works on bytes;
+the socket that carries them is the command line's
+(:func:`echfront.cli.check_probe.send_probe`).
+
+Why this module is long: building the first flight and judging the answer
+are one client step (RFC 9849 §6.1, §6.1.4).  The verdict is computed from
+what only the builder knows, the ClientHelloInner's bytes and random and
+the suites it offered; kept together, those stay inside :class:`ProbeHello`
+instead of becoming an interface between two modules.
 """
 
 from __future__ import annotations
@@ -23,8 +30,6 @@ import enum
 import hashlib
 import hmac
 import secrets
-import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +44,7 @@ from echfront.ech.hpke import (
     seal_context,
 )
 from echfront.ech.keyset import ECH_INFO_PREFIX
-from echfront.errors import AlertError, ConfigError
+from echfront.errors import AlertError, ConfigError, alert_name
 from echfront.tls.hello import (
     EXT_ALPN,
     EXT_ECH,
@@ -60,13 +65,11 @@ from echfront.tls.hello import (
 from echfront.tls.records import (
     CONTENT_ALERT,
     CONTENT_HANDSHAKE,
-    MAX_CIPHERTEXT,
     HandshakeReader,
     frame_records,
 )
 
 __all__ = [
-    "ALERT_NAMES",
     "DEFAULT_ALPN",
     "TLS13_CIPHER_SUITES",
     "ProbeError",
@@ -78,7 +81,6 @@ __all__ = [
     "build_probe",
     "hkdf_expand_label",
     "judge",
-    "send_probe",
 ]
 
 #: TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256
@@ -122,38 +124,6 @@ _MAX_ANSWER = 64 * 1024
 
 _ACCEPT_LABEL = b"ech accept confirmation"
 _HRR_ACCEPT_LABEL = b"hrr ech accept confirmation"
-
-#: TLS alert descriptions (RFC 8446 §6, RFC 9849 §11.2), for messages.
-ALERT_NAMES: dict[int, str] = {
-    0: "close_notify",
-    10: "unexpected_message",
-    20: "bad_record_mac",
-    22: "record_overflow",
-    40: "handshake_failure",
-    42: "bad_certificate",
-    43: "unsupported_certificate",
-    44: "certificate_revoked",
-    45: "certificate_expired",
-    46: "certificate_unknown",
-    47: "illegal_parameter",
-    48: "unknown_ca",
-    49: "access_denied",
-    50: "decode_error",
-    51: "decrypt_error",
-    70: "protocol_version",
-    71: "insufficient_security",
-    80: "internal_error",
-    86: "inappropriate_fallback",
-    90: "user_canceled",
-    109: "missing_extension",
-    110: "unsupported_extension",
-    112: "unrecognized_name",
-    113: "bad_certificate_status_response",
-    115: "unknown_psk_identity",
-    116: "certificate_required",
-    120: "no_application_protocol",
-    121: "ech_required",
-}
 
 
 class ProbeError(ConfigError):
@@ -403,7 +373,7 @@ class ProbeResult:
     def __str__(self) -> str:
         """``accepted``, ``server alert 112 (unrecognized_name)``, and so on."""
         if self.status is ProbeStatus.ALERT:
-            return f"server alert {self.alert} ({ALERT_NAMES.get(self.alert or 0, 'unknown')})"
+            return f"server alert {self.alert} ({alert_name(self.alert or 0)})"
         text = self.status.value.replace("_", " ")
         if self.status is ProbeStatus.NOT_TLS13:
             text = "not TLS 1.3"
@@ -613,35 +583,3 @@ def _describe_garbage(data: bytes) -> str:
     if data[:5] == b"HTTP/":
         return "the server answered in HTTP, not TLS"
     return f"not TLS (first byte 0x{data[0]:02x})"
-
-
-def send_probe(host: str, port: int, probe: ProbeHello, *, timeout: float) -> ProbeResult:
-    """Connect, send ``probe`` and judge the answer; a blocking helper.
-
-    The whole exchange, connecting included, is bounded by ``timeout``
-    seconds.  Reading stops at the first handshake message and the socket
-    is closed without an alert.
-
-    :raises OSError: if the connection cannot be made.
-    """
-    deadline = time.monotonic() + timeout
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(probe.records)
-        reader = ResponseReader(probe)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(MAX_CIPHERTEXT)
-            except TimeoutError:
-                break
-            except ConnectionResetError:
-                return ProbeResult(ProbeStatus.NO_ANSWER, "connection reset by the server")
-            if not data:
-                return reader.eof()
-            result = reader.feed(data)
-            if result is not None:
-                return result
-    return ProbeResult(ProbeStatus.NO_ANSWER, f"no answer within {timeout:g}s")
