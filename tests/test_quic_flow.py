@@ -15,22 +15,27 @@ import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoPair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from echfront.app.certs import TestCA
 from echfront.ech.decoder import ECHDecoder, ECHStatus
 from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription, AlertError
+from echfront.quic.admission import admit
 from echfront.quic.errors import (
     CryptoBufferExceeded,
     ProtocolViolation,
     QuicError,
     TransportErrorCode,
 )
-from echfront.quic.flow import FlowLimits, FlowOutput, FlowPhase, InitialFlow, admit
+from echfront.quic.flow import FlowLimits, FlowOutput, FlowPhase, InitialFlow
 from echfront.quic.frames import (
     FRAME_CONNECTION_CLOSE,
     FRAME_CRYPTO,
@@ -59,9 +64,13 @@ KEY = generate_key(PUBLIC_NAME, config_id=0x42, maximum_name_length=32)
 KEYS = KeySet((KEY,))
 DCID = bytes.fromhex("c5e0f1a2b3c4d5e6f708")
 SCID = bytes.fromhex("5c1d")
-#: quic_transport_parameters (RFC 9001 §8.2): initial_max_data 1 MiB, and
-#: Firefox-style, only in the inner hello (quic-facts.md item 3).
-TRANSPORT_PARAMETERS = (0x39, bytes.fromhex("0404") + encode_varint(1 << 20, 4))
+#: quic_transport_parameters (RFC 9001 §8.2, RFC 9000 §18.2):
+#: initial_max_data 1 MiB and initial_source_connection_id; Firefox-style,
+#: only in the inner hello (quic-facts.md item 3).
+TRANSPORT_PARAMETERS = (
+    0x39,
+    bytes.fromhex("0404") + encode_varint(1 << 20, 4) + b"\x0f" + bytes((len(SCID),)) + SCID,
+)
 SPEC = InnerSpec(alpn=(b"h3",), extensions=(*DEFAULT_EXTENSIONS, TRANSPORT_PARAMETERS))
 
 
@@ -195,7 +204,8 @@ def decide(flow: InitialFlow, hello: bytes) -> FlowOutput:
 
 
 def sealed(spec: InnerSpec = SPEC) -> SealedHello:
-    return seal_hello(KEY.config, spec, outer=None)
+    # RFC 9001 §8.4: a QUIC ClientHello has an empty legacy_session_id.
+    return seal_hello(KEY.config, spec, session_id=b"")
 
 
 # -- the end-to-end proof ------------------------------------------------------
@@ -232,6 +242,42 @@ def test_ech_hello_is_rewritten(
     # Each client packet asked for an acknowledgement; so does each that stands for it.
     kinds = [{f.type for f in parse_initial_frames(p).frames} for _h, _n, p in opened]
     assert all(k & {FRAME_CRYPTO, FRAME_PING} for k in kinds)
+
+
+@pytest.mark.parametrize("version", [VERSION_1, VERSION_2], ids=["v1", "v2"])
+def test_a_quic_server_accepts_the_rewritten_initials(version: QuicVersion, tmp_path: Path) -> None:
+    """aioquic as the backend reads the rewritten Initials and answers the inner hello.
+
+    It reassembles the CRYPTO stream, runs TLS on the ClientHelloInner
+    (ALPN h3, the inner transport parameters) and sends its ServerHello in
+    an Initial coalesced with Handshake packets, to the client's SCID.
+    """
+    issued = TestCA(tmp_path).issue(["secret.example.org"])
+    hello = sealed()
+    client = Client(version=version)
+    flow, out = start(client.hello(hello.outer_message, pieces=2, shuffle=3))
+    out = decide(flow, out.hello or b"")
+    config = QuicConfiguration(is_client=False, alpn_protocols=["h3"])
+    config.supported_versions = [version.number]
+    config.load_cert_chain(issued.chain, issued.key)
+    server = QuicConnection(configuration=config, original_destination_connection_id=DCID)
+    for datagram in out.to_backend:
+        server.receive_datagram(datagram, ("127.0.0.1", 4433), now=0.0)
+    events = list(iter(server.next_event, None))
+    assert [type(e).__name__ for e in events] == ["ProtocolNegotiated"]
+    (reply, _addr), *_more = server.datagrams_to_send(now=0.0)
+    packets, _rest = split_datagram(reply)
+    assert [p.packet_type for p in packets][:2] == [PacketType.INITIAL, PacketType.HANDSHAKE]
+    assert packets[0].dcid == SCID
+    flow.server_datagram(reply)
+    # The front's own refusal now follows the server's packet numbers.
+    refusal = flow.refuse(ProtocolViolation("test")).to_client[0]
+    pair = CryptoPair()
+    pair.setup_initial(DCID, is_client=True, version=version.number)
+    _h, _p, first_number = pair.decrypt_packet(reply[: packets[0].end], packets[0].pn_offset, 0)
+    header = parse_long_header(refusal)
+    _h, _p, number = pair.decrypt_packet(refusal, header.pn_offset, first_number)
+    assert number == first_number + 1
 
 
 @pytest.mark.parametrize("mode", ["grease", "no-ech", "stale"])
@@ -557,3 +603,65 @@ def test_fuzz_flow(data: st.DataObject) -> None:
             assert out.error.code in (0x07, 0x0A, 0x0D) or 0x100 <= out.error.code <= 0x1FF
         if out.hello is not None:
             break
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    outer_length=st.integers(200, 4000),
+    inner_length=st.integers(1, 6000),
+    pieces=st.integers(1, 4),
+    shuffle=st.none() | st.integers(0, 1000),
+    size=st.integers(1200, 1400),
+    version=st.sampled_from([VERSION_1, VERSION_2]),
+)
+def test_rewrite_property(
+    outer_length: int,
+    inner_length: int,
+    pieces: int,
+    shuffle: int | None,
+    size: int,
+    version: QuicVersion,
+) -> None:
+    """Whatever the sizes and split: the backend reads exactly the inner hello, in
+    datagrams of 1200 bytes up to the client's size, with unique packet numbers
+    that start as the client's."""
+    outer = (
+        b"\x01"
+        + outer_length.to_bytes(3, "big")
+        + bytes(range(256)) * (outer_length // 256)
+        + bytes(outer_length % 256)
+    )
+    inner = b"\x01" + inner_length.to_bytes(3, "big") + bytes(inner_length)
+    client = Client(version=version, size=size)
+    datagrams = client.hello(outer, pieces=pieces, shuffle=shuffle)
+    flow, out = start(datagrams)
+    assert out.hello == outer
+    out = flow.forward_rewritten(inner)
+    largest = max(size, *(len(d) for d in datagrams))
+    assert all(1200 <= len(d) <= largest for d in out.to_backend)
+    opened = open_backend(out.to_backend, version)
+    assert crypto_stream(opened) == inner
+    numbers = [n for _h, n, _p in opened]
+    assert len(numbers) == len(set(numbers))
+    assert numbers[: len(client.sent)] == client.sent[: len(numbers)]
+
+
+@pytest.mark.parametrize("mode", ["accepted", "grease"])
+def test_bare_flight_decodes_like_records(mode: str) -> None:
+    """The decoder gives the same outcome for a hello from QUIC as from TLS records."""
+    hello = (
+        sealed()
+        if mode == "accepted"
+        else seal_hello(KEY.config, SPEC, ech_extension=grease_extension())
+    )
+    decoder = ECHDecoder(KEYS)
+    over_quic = decode_first_hello(decoder, hello.outer_message)
+    over_tcp = decoder.decode(hello.flight())
+    assert (over_quic.status, over_quic.server_name, over_quic.alpn) == (
+        over_tcp.status,
+        over_tcp.server_name,
+        over_tcp.alpn,
+    )
+    if mode == "accepted":
+        assert over_quic.inner is not None and over_tcp.inner is not None
+        assert over_quic.inner.message == over_tcp.inner.message == hello.inner_message

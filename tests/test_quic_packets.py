@@ -8,8 +8,8 @@ from aioquic.quic.packet import pull_quic_header
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from echfront.quic.admission import admit
 from echfront.quic.errors import QuicDrop
-from echfront.quic.flow import admit
 from echfront.quic.packets import (
     SUPPORTED_VERSIONS,
     VERSION_1,

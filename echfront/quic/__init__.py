@@ -6,4 +6,13 @@ client's Initial packets around a ClientHelloInner.
 
 May import: :mod:`echfront.tls`, :mod:`echfront.ech`, :mod:`echfront.errors`,
 the standard library and ``cryptography``.  No Twisted, no sockets.
+
+Modules, lowest first: ``errors`` (drops and QUIC connection errors),
+``packets`` (versions, long headers, packet numbers, Version Negotiation),
+``protection`` (Initial keys, packet and header protection, Retry),
+``frames``, ``crypto_stream`` (CRYPTO reassembly), ``incoming`` (a client
+datagram taken apart), ``rewrite`` (Initial packets rebuilt around new
+CRYPTO data), ``admission`` (datagrams of no flow), ``flow`` (the per-flow
+state object a datagram relay drives) and ``hello`` (the ECH decoder on a
+ClientHello from QUIC).
 """

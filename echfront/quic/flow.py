@@ -2,22 +2,29 @@
 """One client's QUIC Initial exchange through the front, as a sans-IO state object.
 
 This is the API a datagram relay drives (a thin Twisted ``DatagramProtocol``
-in ``front/datagram.py``, or anything else that moves bytes)::
+in ``front/datagram.py``, or anything else that moves bytes).  Time is
+passed in; nothing here reads a clock, opens a socket or schedules a call::
 
-    admission = admit(datagram)                     # a datagram of no known flow
-    if admission.reply:                             # Version Negotiation
-        send_to_client(admission.reply)
+    admission = admit(datagram)              # quic.admission, for a datagram of no flow
+    if admission.reply:                      # Version Negotiation: send it to the client
+        transport.write(admission.reply, client_address)
     if admission.header is None:
-        return                                      # dropped: admission.reason
-    flow = InitialFlow(admission.header, now=clock.seconds(), limits=limits)
-    ...
-    out = flow.client_datagram(datagram, now)       # every client datagram, in order
-    if out.hello is not None:                       # the first ClientHello is complete
-        info = decode_first_hello(decoder, out.hello, may_decrypt=...)  # quic.hello
-        out = release(flow, info)                   # or flow.refuse(QuicError.from_alert(e))
-    send out.to_backend on the flow's connected socket, out.to_client to the client
-    flow.server_datagram(reply)          # every backend datagram, then relay it unchanged
-    flow.expire(now) when now >= flow.deadline      # a timer the relay keeps
+        return                               # dropped; admission.reason says why
+    flow = InitialFlow(admission.header, now=now, limits=limits)
+
+    out = flow.client_datagram(datagram, now)      # every client datagram, in order
+    if out.hello is not None:                      # the first ClientHello is whole
+        try:
+            info = decode_first_hello(decoder, out.hello, may_decrypt=rate_ok)  # quic.hello
+            route = router.route(info)             # as over TCP
+            out = release(flow, info)              # rewrite (ECH accepted) or pass through
+        except AlertError as error:
+            out = flow.refuse(QuicError.from_alert(error))
+    send out.to_backend on the flow's connected UDP socket, out.to_client to the client
+    forget the flow once flow.closed; log out.error, count out.dropped
+
+    flow.server_datagram(reply)        # each backend datagram, then relay it unchanged
+    flow.expire(now)                   # from a timer at flow.deadline, when not None
 
 Phases (:class:`FlowPhase`): COLLECTING holds the client's datagrams until
 the CRYPTO stream holds a whole ClientHello (RFC 9001 §4.1.3), bounded by
@@ -41,109 +48,61 @@ The Initial keys derive from the client's first Destination Connection ID;
 a Retry from the backend, seen in :meth:`InitialFlow.server_datagram` and
 verified (RFC 9001 §5.8), moves them to the Retry's Source Connection ID as
 the client does (RFC 9000 §17.2.5.2).  Connection migration is not handled.
+
+Why this module is long: it is one state object and its docstrings; its
+pure parts already live in :mod:`~echfront.quic.admission`,
+:mod:`~echfront.quic.incoming` and :mod:`~echfront.quic.rewrite`.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from echfront.errors import AlertDescription, AlertError
 from echfront.quic.crypto_stream import DEFAULT_MAX_CRYPTO_BYTES, CryptoReassembler
 from echfront.quic.errors import CryptoBufferExceeded, QuicDrop, QuicError, crypto_error_code
 from echfront.quic.frames import (
     FRAME_PING,
-    InitialPayload,
-    encode_connection_close,
-    parse_initial_frames,
 )
+from echfront.quic.incoming import ClientDatagram, ClientInitial, read_client_datagram
 from echfront.quic.packets import (
     MIN_INITIAL_DATAGRAM,
     LongHeader,
     PacketType,
     QuicVersion,
-    build_version_negotiation,
-    parse_long_header,
     split_datagram,
 )
 from echfront.quic.protection import (
     InitialKeys,
-    Unprotected,
     initial_keys,
     unmask_packet_number,
-    unprotect,
     verify_retry,
 )
 from echfront.quic.rewrite import (
     OutgoingInitial,
     Segment,
     backend_ranges,
+    close_datagram,
     merge_ranges,
     pack_initials,
 )
 
 __all__ = [
-    "Admission",
     "FlowLimits",
     "FlowOutput",
     "FlowPhase",
     "InitialFlow",
     "SecondHelloTranslator",
-    "admit",
-    "close_datagram",
 ]
 
-#: RFC 9000 §7.2: a client's first Destination Connection ID has at least 8 bytes.
-MIN_CLIENT_DCID = 8
 #: CRYPTO_ERROR carrying unexpected_message (RFC 9001 §4.8).
 _UNEXPECTED = crypto_error_code(AlertDescription.UNEXPECTED_MESSAGE)
 
 #: Rewrites a complete second ClientHelloOuter message into the inner one;
 #: raises :class:`~echfront.errors.AlertError` when it must be refused.
 SecondHelloTranslator = Callable[[bytes], bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """What to do with a datagram that belongs to no flow.
-
-    :ivar header: set when a flow should start: the client's first Initial.
-    :ivar reply: a Version Negotiation packet to send back, if any.
-    :ivar reason: why nothing starts, for logs ("" when it does).
-    """
-
-    header: LongHeader | None
-    reply: bytes | None
-    reason: str
-
-
-def admit(datagram: bytes, *, random: Callable[[int], bytes] = os.urandom) -> Admission:
-    """Decide whether a datagram of no known flow starts one (RFC 9000 §5.2.2, §6.1, §14.1).
-
-    Datagrams under 1200 bytes are dropped whatever they hold (§14.1 for
-    Initials, §5.2.2 for unknown versions); an unknown version gets a Version
-    Negotiation packet; a supported one must be an Initial whose Destination
-    Connection ID has at least 8 bytes (§7.2).
-    """
-    if len(datagram) < MIN_INITIAL_DATAGRAM:
-        return Admission(None, None, "datagram shorter than 1200 bytes")
-    try:
-        header = parse_long_header(datagram)
-    except QuicDrop as drop:
-        return Admission(None, None, str(drop))
-    if header.version == 0:
-        return Admission(None, None, "Version Negotiation packet from a client")
-    if header.quic_version is None:
-        reply = build_version_negotiation(header, random=random)
-        return Admission(None, reply, f"unsupported version 0x{header.version:08x}")
-    if header.packet_type is not PacketType.INITIAL:
-        return Admission(None, None, f"{header.packet_type} packet before any Initial")
-    if len(header.dcid) < MIN_CLIENT_DCID:
-        return Admission(None, None, "client Destination Connection ID shorter than 8 bytes")
-    return Admission(header, None, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,60 +157,6 @@ class FlowOutput:
     dropped: int = 0
 
 
-class _Initial(NamedTuple):
-    """A client Initial packet, decrypted."""
-
-    header: LongHeader
-    version: QuicVersion
-    plain: Unprotected
-    frames: InitialPayload
-
-
-class _Held(NamedTuple):
-    """A client datagram: its Initial packets decrypted, the rest kept raw."""
-
-    raw: bytes
-    initials: list[_Initial]
-    tail: bytes
-
-
-def close_datagram(
-    version: QuicVersion,
-    keys: InitialKeys,
-    *,
-    from_server: bool,
-    dcid: bytes,
-    scid: bytes,
-    packet_number: int,
-    error: QuicError,
-    token: bytes = b"",
-) -> bytes:
-    """An Initial packet carrying CONNECTION_CLOSE 0x1c, padded to 1200 bytes (RFC 9000 §10.2.3).
-
-    The reason phrase is the error's public name only (RFC 9849 §10.5).
-    """
-    packet = OutgoingInitial(
-        version=version,
-        dcid=dcid,
-        scid=scid,
-        token=token,
-        fixed_bit=True,
-        packet_number=packet_number,
-        kept=encode_connection_close(error.code, error.frame_type, error.name.encode("ascii")),
-        needs_ack=False,
-        has_ping=False,
-    )
-    direction = keys.server if from_server else keys.client
-    (datagram,) = pack_initials(
-        [packet], [], lambda _v: direction, _no_allocation, MIN_INITIAL_DATAGRAM
-    )
-    return datagram
-
-
-def _no_allocation() -> int:
-    raise AssertionError("a CONNECTION_CLOSE packet never needs a second packet")
-
-
 class InitialFlow:
     """The Initial packet number space of one client connection (module docstring).
 
@@ -277,7 +182,7 @@ class InitialFlow:
         self._stream = CryptoReassembler(
             self.limits.max_crypto_bytes, self.limits.max_crypto_ranges
         )
-        self._held: list[_Held] = []
+        self._held: list[ClientDatagram] = []
         self._held_packets = 0
         self._held_bytes = 0
         self._hold_since = now
@@ -452,8 +357,8 @@ class InitialFlow:
 
     # -- reading -----------------------------------------------------------
 
-    def _read(self, datagram: bytes, out: FlowOutput) -> _Held | None:
-        """Split and decrypt a client datagram; None if nothing in it is usable."""
+    def _read(self, datagram: bytes, out: FlowOutput) -> ClientDatagram | None:
+        """Take a client datagram apart; None if nothing in it is usable."""
         if not datagram or not datagram[0] & 0x80:
             # A short header: only possible once the handshake is under way.
             if self.phase is FlowPhase.TRANSLATING and not self._held:
@@ -462,43 +367,21 @@ class InitialFlow:
                 out.dropped += 1
             return None
         try:
-            packets, rest = split_datagram(datagram)
+            held = read_client_datagram(
+                datagram, lambda v: self.keys(v).client, self._largest_client_pn
+            )
         except QuicDrop:
             out.dropped += 1
             return None
-        has_initial = any(p.packet_type is PacketType.INITIAL for p in packets)
-        if has_initial and len(datagram) < MIN_INITIAL_DATAGRAM:
-            out.dropped += 1  # RFC 9000 §14.1: a server MUST discard it
-            return None
-        initials: list[_Initial] = []
-        tail: list[bytes] = []
-        for header in packets:
-            version = header.quic_version
-            if header.packet_type is not PacketType.INITIAL or version is None:
-                if header.packet_type is not PacketType.RETRY and version is not None:
-                    tail.append(datagram[header.start : header.end])
-                else:
-                    out.dropped += 1
-                continue
-            try:
-                plain = unprotect(
-                    datagram, header, self.keys(version).client, self._largest_client_pn
-                )
-            except QuicDrop:
-                out.dropped += 1
-                continue
-            frames = parse_initial_frames(plain.payload)
-            initials.append(_Initial(header, version, plain, frames))
-            if self._largest_client_pn is None or plain.packet_number > self._largest_client_pn:
-                self._largest_client_pn = plain.packet_number
-                self._last_header = header
-        if rest < len(datagram) and datagram[rest] & 0x40:
-            tail.append(datagram[rest:])  # a short-header packet coalesced last
-        if not initials and not tail:
-            return None
-        return _Held(datagram, initials, b"".join(tail))
+        out.dropped += held.dropped
+        for initial in held.initials:
+            number = initial.plain.packet_number
+            if self._largest_client_pn is None or number > self._largest_client_pn:
+                self._largest_client_pn = number
+                self._last_header = initial.header
+        return held if held.initials or held.tail else None
 
-    def _take(self, held: _Held, now: float, out: FlowOutput) -> None:
+    def _take(self, held: ClientDatagram, now: float, out: FlowOutput) -> None:
         """Hold or translate a read datagram, by phase."""
         for initial in held.initials:
             if initial.frames.close is not None and self.phase is FlowPhase.COLLECTING:
@@ -522,7 +405,7 @@ class InitialFlow:
                 self.phase = FlowPhase.DECIDING
                 out.hello = hello
 
-    def _hold(self, held: _Held) -> None:
+    def _hold(self, held: ClientDatagram) -> None:
         self._held.append(held)
         self._held_packets += len(held.initials) + (1 if held.tail else 0)
         self._held_bytes += len(held.raw)
@@ -530,7 +413,7 @@ class InitialFlow:
         if self._held_packets > limits.max_held_packets or self._held_bytes > limits.max_held_bytes:
             raise CryptoBufferExceeded("too many packets before the ClientHello was complete")
 
-    def _clear_held(self) -> list[_Held]:
+    def _clear_held(self) -> list[ClientDatagram]:
         held = self._held
         self._held = []
         self._held_packets = self._held_bytes = 0
@@ -558,7 +441,7 @@ class InitialFlow:
                 raise QuicError("CRYPTO data after the second ClientHello", code=_UNEXPECTED)
         out.to_backend += self._translate(self._clear_held(), fresh)
 
-    def _translate(self, batch: list[_Held], fresh: list[Segment]) -> list[bytes]:
+    def _translate(self, batch: list[ClientDatagram], fresh: list[Segment]) -> list[bytes]:
         """Rewrite a batch of client datagrams for the backend."""
         initials = [i for held in batch for i in held.initials]
         tails = [held.tail for held in batch if held.tail]
@@ -589,7 +472,7 @@ class InitialFlow:
             self._pn_shift = max(self._pn_shift, self._max_pn - self._largest_client_pn)
         return datagrams + tails
 
-    def _verbatim(self, initials: list[_Initial]) -> bool:
+    def _verbatim(self, initials: list[ClientInitial]) -> bool:
         """Whether packets without CRYPTO data can go as they came (same numbers free)."""
         numbers = [i.plain.packet_number for i in initials]
         if any(i.frames.crypto for i in initials) or self._pn_shift:
@@ -600,7 +483,7 @@ class InitialFlow:
             self._use(number)
         return True
 
-    def _outgoing(self, initial: _Initial) -> OutgoingInitial:
+    def _outgoing(self, initial: ClientInitial) -> OutgoingInitial:
         header = initial.header
         frames = initial.frames
         return OutgoingInitial(

@@ -12,6 +12,8 @@ Two pure steps the flow (:mod:`echfront.quic.flow`) composes:
   rounded outwards, so whenever a client's retransmissions cover its hello
   they cover the inner one too, and a retransmission costs about what it
   carried.
+* :func:`close_datagram`: the front's own CONNECTION_CLOSE in an Initial,
+  either direction.
 * :func:`pack_initials`: CRYPTO data and the client's other frames (ACK,
   PING, CONNECTION_CLOSE) into protected Initial packets, one per client
   packet, under the client's header fields (connection IDs, token), coalesced
@@ -27,7 +29,13 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from typing import NamedTuple
 
-from echfront.quic.frames import FRAME_PING, crypto_frame_overhead, encode_crypto
+from echfront.quic.errors import QuicError
+from echfront.quic.frames import (
+    FRAME_PING,
+    crypto_frame_overhead,
+    encode_connection_close,
+    encode_crypto,
+)
 from echfront.quic.packets import (
     MIN_INITIAL_DATAGRAM,
     TAG_LENGTH,
@@ -36,9 +44,16 @@ from echfront.quic.packets import (
     encode_long_header,
     varint_length,
 )
-from echfront.quic.protection import PacketKeys, protect
+from echfront.quic.protection import InitialKeys, PacketKeys, protect
 
-__all__ = ["OutgoingInitial", "Segment", "backend_ranges", "merge_ranges", "pack_initials"]
+__all__ = [
+    "OutgoingInitial",
+    "Segment",
+    "backend_ranges",
+    "close_datagram",
+    "merge_ranges",
+    "pack_initials",
+]
 
 #: Every rewritten packet number is sent on four bytes.
 PN_LENGTH = 4
@@ -232,3 +247,40 @@ def _protect(plan: _Plan, keys_for: Callable[[QuicVersion], PacketKeys]) -> byte
         fixed_bit=packet.fixed_bit,
     )
     return protect(header, PN_LENGTH, packet.packet_number, plan.payload, keys_for(packet.version))
+
+
+def close_datagram(
+    version: QuicVersion,
+    keys: InitialKeys,
+    *,
+    from_server: bool,
+    dcid: bytes,
+    scid: bytes,
+    packet_number: int,
+    error: QuicError,
+    token: bytes = b"",
+) -> bytes:
+    """An Initial packet carrying CONNECTION_CLOSE 0x1c, padded to 1200 bytes (RFC 9000 §10.2.3).
+
+    The reason phrase is the error's public name only (RFC 9849 §10.5).
+    """
+    packet = OutgoingInitial(
+        version=version,
+        dcid=dcid,
+        scid=scid,
+        token=token,
+        fixed_bit=True,
+        packet_number=packet_number,
+        kept=encode_connection_close(error.code, error.frame_type, error.name.encode("ascii")),
+        needs_ack=False,
+        has_ping=False,
+    )
+    direction = keys.server if from_server else keys.client
+    (datagram,) = pack_initials(
+        [packet], [], lambda _v: direction, _no_allocation, MIN_INITIAL_DATAGRAM
+    )
+    return datagram
+
+
+def _no_allocation() -> int:
+    raise AssertionError("a CONNECTION_CLOSE packet never needs a second packet")
