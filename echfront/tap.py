@@ -6,31 +6,26 @@ the quick flags (``--listen``, ``--ech-key``, ``--public-cert``,
 ``--route``) cover simple setups without one and override or extend a
 file; with neither, a self-contained demo runs on 127.0.0.1.  Every
 configuration problem is reported as one line before the reactor starts.
+
+This module is twistd's plugin module (``twisted/plugins/echfront_plugin.py``
+names it): :class:`Options` and :func:`makeService` only.  The running
+service is :mod:`echfront.app.service`.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
-from collections.abc import Callable
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.multiprocess import MultiProcessCollector
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.application.service import Service
 from twisted.python import usage
 
+from echfront.app import service as app_service
 from echfront.app.demo import default_state_dir, demo_config
-from echfront.app.workers import Supervisor, shared_listeners, worker_index, worker_listen
+from echfront.app.workers import worker_index
 from echfront.config.schema import (
     DEFAULT_PUBLIC_FACTORY,
     BackendConfig,
@@ -38,20 +33,12 @@ from echfront.config.schema import (
     KeyFileConfig,
     LocalConfig,
     RouteConfig,
-    build_state,
-    listen_endpoints,
     load_config_file,
 )
-from echfront.ech.keyset import KeySet
 from echfront.errors import ConfigError
-from echfront.front.metrics import Metrics, MetricsResource, key_publications_counter
-from echfront.front.protocol import FrontFactory
-from echfront.keys.keydir import KeyDirectory
-from echfront.keys.rotation import Rotator
 from echfront.routing import validate_pattern
-from echfront.web import QuietSite
 
-__all__ = ["FrontService", "Options", "makeService", "metrics_service"]
+__all__ = ["Options", "makeService", "options_to_config"]
 
 
 class Options(usage.Options):
@@ -176,182 +163,6 @@ def _file_and_flags(options: Options) -> Config:
     return config
 
 
-class FrontService(MultiService):
-    """The running front: listeners, the factory they share, reload and shutdown.
-
-    :ivar factory: the FrontFactory; ``factory.state`` is what new
-        connections are served with.
-    :ivar config: the configuration in service.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        load: Callable[[], Config],
-        reactor: Any,
-        *,
-        worker: int | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
-        """Build the state and listeners; raise ConfigError if anything is wrong.
-
-        :param load: reads the configuration (again, on every reload).
-        :param worker: this process's index under ``--workers``, if any.
-        """
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.load = load
-        self.reactor = reactor
-        self.worker = worker
-        self.config = load()
-        self.metrics = metrics if metrics is not None else Metrics()
-        state = build_state(self.config, reactor, self.current_keys)
-        self.factory = FrontFactory(state, reactor, self.metrics)
-        self.metrics.set_keys(state.decoder.keys)
-        self._ports: list[IListeningPort] = []
-        self._watched: dict[Path, tuple[int, int, int] | None] = {}
-        self._watcher: LoopingCall | None = None
-        self._previous_hup: Any = None
-        if worker is None:
-            for endpoint in listen_endpoints(self.config, reactor):
-                StreamServerEndpointService(endpoint, self.factory).setServiceParent(self)
-            if self.config.metrics_listen:
-                metrics_service(
-                    self.config.metrics_listen, self.metrics.registry, reactor
-                ).setServiceParent(self)
-
-    def current_keys(self) -> KeySet:
-        """The key set new connections are decrypted with."""
-        return self.factory.state.decoder.keys if hasattr(self, "factory") else KeySet()
-
-    # -- reload ------------------------------------------------------------
-
-    def reload(self) -> bool:
-        """Read the configuration again and serve new connections with it.
-
-        Connections in progress keep the state they started with (a second
-        ClientHello after a HelloRetryRequest still uses its first hello's
-        HPKE context).  If the new configuration is invalid, the running one
-        stays and one error line is logged.
-        """
-        try:
-            config = self.load()
-            state = build_state(config, self.reactor, self.current_keys)
-        except ConfigError as error:
-            self.metrics.reloads.labels("failure").inc()
-            self.log.error(
-                "reload failed, still serving the previous configuration: {error}",
-                error=str(error),
-            )
-            return False
-        if config.listen != self.config.listen or config.metrics_listen != (
-            self.config.metrics_listen
-        ):
-            self.log.warn("listen and metrics endpoints change only on restart")
-        self.config = config
-        self.factory.state = state
-        self.metrics.set_keys(state.decoder.keys)
-        self.metrics.reloads.labels("success").inc()
-        self._snapshot()
-        self.log.info(
-            "reloaded: {keys} ECH configs, {targets} targets",
-            keys=len(state.decoder.keys),
-            targets=len(state.targets),
-        )
-        return True
-
-    def _on_sighup(self, signum: int, frame: object) -> None:
-        # Signal handlers run between bytecodes; hand the work to the reactor.
-        self.reactor.callFromThread(self.reload)
-
-    def _stat(self, path: Path) -> tuple[int, int, int] | None:
-        try:
-            info = path.stat()
-        except OSError:
-            return None
-        return (info.st_mtime_ns, info.st_size, info.st_ino)
-
-    def _snapshot(self) -> None:
-        self._watched = {path: self._stat(path) for path in self.config.watched_files()}
-
-    def _check_files(self) -> None:
-        """Reload when a watched file changed (``[reload] watch = true``)."""
-        changed = any(self._stat(path) != seen for path, seen in self._watched.items())
-        if changed and not self.reload():
-            self._snapshot()  # report a broken file once, not at every poll
-
-    # -- start and stop ------------------------------------------------------
-
-    def startService(self) -> None:
-        """Listen, and start watching for SIGHUP and file changes."""
-        if self.worker is not None:
-            for index, description in enumerate(self.config.listen):
-                self._ports.append(worker_listen(self.reactor, index, description, self.factory))
-        super().startService()  # type: ignore[no-untyped-call]
-        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
-            self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
-        if self.config.watch:
-            self._snapshot()
-            self._watcher = LoopingCall(self._check_files)
-            self._watcher.clock = self.reactor
-            self._watcher.start(self.config.watch_interval, now=False)
-
-    def stopService(self) -> Deferred[None]:
-        """Stop accepting, let open connections finish, then close the rest.
-
-        Open connections get ``[limits] shutdown_grace`` seconds; whatever is
-        still open then is aborted.
-        """
-        if self._previous_hup is not None:
-            signal.signal(signal.SIGHUP, self._previous_hup)
-            self._previous_hup = None
-        if self._watcher is not None and self._watcher.running:
-            self._watcher.stop()
-        stopped = [d for d in (port.stopListening() for port in self._ports) if d is not None]
-        self._ports = []
-        done: Deferred[None] = Deferred()
-
-        def drain(_: object) -> None:
-            grace = self.factory.state.settings.shutdown_grace
-            deadline = self.reactor.seconds() + grace
-            if self.factory.connections:
-                self.log.info(
-                    "waiting up to {grace}s for {count} open connections",
-                    grace=grace,
-                    count=len(self.factory.connections),
-                )
-
-            def check() -> None:
-                if not self.factory.connections:
-                    done.callback(None)
-                    return
-                if self.reactor.seconds() >= deadline:
-                    # Aborting closes on the next reactor turn; keep waiting
-                    # (briefly) so each connection is still logged and counted.
-                    for proto in list(self.factory.connections):
-                        proto.abort("shutdown", limit="shutdown_grace")
-                if self.reactor.seconds() >= deadline + 2.0:
-                    done.callback(None)
-                else:
-                    self.reactor.callLater(0.1, check)
-
-            check()
-
-        listeners = DeferredList([*stopped, maybeDeferred(super().stopService)])
-        listeners.addCallback(drain)
-        return done
-
-
-def metrics_service(description: str, registry: Any, reactor: Any) -> StreamServerEndpointService:
-    """The ``--metrics`` listener: Prometheus text format on any path."""
-    try:
-        endpoint = serverFromString(reactor, description)
-    except Exception as error:
-        raise ConfigError(f"metrics: {description!r}: {error}") from None
-    site = QuietSite(MetricsResource(registry))  # type: ignore[no-untyped-call]
-    return StreamServerEndpointService(endpoint, site)
-
-
 def _worker_argv(options: Options) -> list[str]:
     """The twistd command line a worker runs: this front's own options."""
     args = [
@@ -386,20 +197,19 @@ def makeService(options: Options, reactor: Any = None) -> Service:
 
         reactor = global_reactor
     worker = worker_index()
+
+    def load() -> Config:
+        return options_to_config(options)[0]
+
     try:
         config, lines = options_to_config(options)
         count = options["workers"] or config.workers
-        service: MultiService
-        publications: Counter | None
+        service: Service
         if count > 1 and worker is None:
-            service, reload, publications = _supervisor(options, config, count, reactor)
+            service = app_service.supervisor_service(load, _worker_argv(options), count, reactor)
         else:
-            front = FrontService(lambda: options_to_config(options)[0], reactor, worker=worker)
-            service, reload = front, front.reload
-            publications = front.metrics.key_publications
-        if worker is None and config.rotation is not None:
             # One rotation schedule per deployment: here, never in workers.
-            _rotator(config, reactor, reload, publications).setServiceParent(service)  # type: ignore[no-untyped-call]
+            service = app_service.FrontService(load, reactor, worker=worker, rotate=worker is None)
     except ConfigError as error:
         # One line, before the reactor starts, and a non-zero exit status.
         sys.stderr.write(f"echfront: error: {error}\n")
@@ -410,56 +220,17 @@ def makeService(options: Options, reactor: Any = None) -> Service:
     return service
 
 
-def _rotator(
-    config: Config, reactor: Any, reload: Callable[[], object], counter: Counter | None
-) -> Rotator:
-    """The key rotation service for ``[keys]``/``[publish]`` (echfront.keys.rotation)."""
-    from echfront.dns.publish import publisher_from_config  # noqa: PLC0415 (needs dnspython)
-
-    assert config.rotation is not None and config.key_directory is not None
-    publisher = publisher_from_config(
-        config.publish,
-        base=config.source.parent if config.source is not None else Path.cwd(),
-        names=config.publish_names,
-        reactor=reactor,
-    )
-
-    def publications(result: str) -> None:
-        if counter is not None:
-            counter.labels(result).inc()
-
-    return Rotator(
-        KeyDirectory(config.key_directory),
-        config.rotation,
-        publisher,
-        reactor,
-        on_change=reload,
-        publications=publications,
-    )
+#: Names this module used to define; they moved to :mod:`echfront.app.service`.
+_MOVED_TO_SERVICE = frozenset({"FrontService", "metrics_service"})
 
 
-def _supervisor(
-    options: Options, config: Config, count: int, reactor: Any
-) -> tuple[MultiService, Callable[[], object], Counter | None]:
-    """The ``--workers`` supervisor: checks the configuration, then runs workers.
-
-    Also returns the key publication counter the supervisor serves beside
-    the workers' sum (rotation runs here), or None without ``--metrics``.
-    """
-    build_state(config, reactor, KeySet)  # fail here, once, rather than in every worker
-    supervisor = Supervisor(
-        reactor,
-        argv=_worker_argv(options),
-        count=count,
-        listeners=shared_listeners(config.listen),
-        grace=config.settings.shutdown_grace,
-    )
-    parent = MultiService()
-    supervisor.setServiceParent(parent)  # type: ignore[no-untyped-call]
-    publications = None
-    if config.metrics_listen:
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=supervisor.metrics_dir)
-        publications = key_publications_counter(registry)
-        metrics_service(config.metrics_listen, registry, reactor).setServiceParent(parent)
-    return parent, supervisor.reload, publications
+def __getattr__(name: str) -> Any:
+    """Keep ``echfront.tap.FrontService`` (and ``metrics_service``) working, with a warning."""
+    if name in _MOVED_TO_SERVICE:
+        warnings.warn(
+            f"echfront.tap.{name} moved to echfront.app.service.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(app_service, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

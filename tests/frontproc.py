@@ -34,7 +34,8 @@ from typing import Any
 
 from echfront.app.certs import IssuedCertificate, TestCA
 from echfront.ech.echconfig import encode_config_list
-from echfront.ech.keyset import generate_key, write_key_file
+from echfront.ech.keyset import generate_key
+from echfront.keys.keyfile import write_key_file
 from tests.processes import stop_process
 
 __all__ = [

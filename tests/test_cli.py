@@ -13,7 +13,7 @@ import pytest
 
 from echfront.cli.main import main
 from echfront.ech.echconfig import decode_config_list
-from echfront.ech.keyset import read_key_file
+from echfront.keys.keyfile import read_key_file
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -29,7 +29,7 @@ from echfront.ech.decoder import (
 )
 from echfront.ech.echconfig import ECHConfig, SymmetricSuite
 from echfront.ech.hpke import RecipientKey
-from echfront.ech.keyset import ECHKey, KeySet, dump_pem, generate_key, load_pem
+from echfront.ech.keyset import ECHKey, KeySet, generate_key
 from echfront.errors import (
     AlertError,
     ConfigError,
@@ -39,6 +39,7 @@ from echfront.errors import (
     MissingExtension,
     UnexpectedMessage,
 )
+from echfront.keys.keyfile import dump_pem, load_pem
 from echfront.tls.hello import EXT_ECH, ClientHello, handshake_message
 from echfront.tls.records import HandshakeReader
 from tests.echhello import (

@@ -18,9 +18,12 @@ from echfront.ech.echconfig import (
     ECHConfigDecodeError,
     ECHConfigExtension,
     SymmetricSuite,
+    algorithm_name,
     decode_config_list,
     encode_config_list,
     hex_preview,
+    kem_name,
+    option_names,
     parse_config_list_text,
     validate_public_name,
 )
@@ -329,6 +332,20 @@ def test_constructor_range_checks() -> None:
         args.update(kwargs)
         with pytest.raises(ValueError):
             ECHConfig(**args)
+
+
+def test_algorithm_names() -> None:
+    """One table names KEMs, KDFs and AEADs for descriptions and for options."""
+    assert kem_name(0x0020) == algorithm_name("KEM", 0x0020) == "DHKEM(X25519)"
+    assert algorithm_name("KEM", 0x0011) == "KEM 0x0011"
+    assert algorithm_name("AEAD", 0x0001) == "AES-128-GCM"
+    assert algorithm_name("KDF", 0x0001) != algorithm_name("AEAD", 0x0001)
+    assert str(SymmetricSuite(3, 0xFFFF)) == "HKDF-SHA512/export-only"
+    assert str(SymmetricSuite(9, 9)) == "KDF 0x0009/AEAD 0x0009"
+    assert option_names("KEM") == {"x25519": 0x0020, "mlkem768-x25519": 0x647A}
+    # Export-only has a name for descriptions but none a user can choose.
+    assert 0xFFFF not in option_names("AEAD").values()
+    assert option_names("AEAD")["chacha20-poly1305"] == 0x0003
 
 
 def test_hex_preview() -> None:

@@ -31,8 +31,9 @@ from hypothesis import strategies as st
 from echfront.ech.decoder import ECHDecoder, ECHStatus, SecondHello, rebuild_inner
 from echfront.ech.echconfig import ECHConfig, decode_config_list, parse_config_list_text
 from echfront.ech.hpke import RecipientKey
-from echfront.ech.keyset import ECHKey, KeySet, dump_pem, generate_key, load_pem
+from echfront.ech.keyset import ECHKey, KeySet, generate_key
 from echfront.errors import AlertError, ConfigError
+from echfront.keys.keyfile import dump_pem, load_pem
 from echfront.tls.hello import (
     EXT_ALPN,
     EXT_ECH,

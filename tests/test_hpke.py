@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from echfront.ech.echconfig import algorithm_name, option_names
 from echfront.ech.hpke import (
     SUPPORTED_AEADS,
     SUPPORTED_KDFS,
@@ -161,3 +162,16 @@ def test_random_enc_fails_cleanly() -> None:
             continue  # a random 32-byte string can be a low-order point
         with pytest.raises(HPKEError):
             context.open(b"", os.urandom(48))
+
+
+@pytest.mark.parametrize(
+    ("kind", "supported"),
+    [("KEM", SUPPORTED_KEMS), ("KDF", SUPPORTED_KDFS), ("AEAD", SUPPORTED_AEADS)],
+)
+def test_name_table_offers_exactly_what_this_recipient_implements(
+    kind: str, supported: frozenset[int]
+) -> None:
+    """Configuration and CLI names (the one HPKE name table) cover every usable id, no other."""
+    assert set(option_names(kind).values()) == set(supported)
+    for ident in supported:
+        assert not algorithm_name(kind, ident).startswith(f"{kind} 0x")

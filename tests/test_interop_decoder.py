@@ -19,7 +19,8 @@ import pytest
 
 from echfront.app.certs import TestCA
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
-from echfront.ech.keyset import ECHKey, KeySet, read_key_file
+from echfront.ech.keyset import ECHKey, KeySet
+from echfront.keys.keyfile import read_key_file
 from echfront.tls.hello import EXT_ECH, EXT_KEY_SHARE, is_grease
 from echfront.tls.records import HandshakeReader
 from tests.boringssl import curl_available, fetch

@@ -35,7 +35,8 @@ import pytest
 from echfront.app.certs import TestCA
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus, parse_outer_ech
 from echfront.ech.echconfig import KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256, decode_config_list
-from echfront.ech.keyset import ECHKey, KeySet, read_key_file
+from echfront.ech.keyset import ECHKey, KeySet
+from echfront.keys.keyfile import read_key_file
 from echfront.tls.hello import EXT_ECH
 from echfront.tls.records import DEFAULT_MAX_FLIGHT, HandshakeReader
 from tests.boringssl import curl_available, fetch

@@ -26,6 +26,7 @@ party key material is copied).
 from __future__ import annotations
 
 import base64
+import importlib
 import os
 import re
 import stat
@@ -50,18 +51,9 @@ from echfront.ech.echconfig import (
     encode_config_list,
 )
 from echfront.ech.hpke import DEFAULT_SUITES, RecipientKey
-from echfront.ech.keyset import (
-    ECH_INFO_PREFIX,
-    ECHKey,
-    KeySet,
-    dump_pem,
-    generate_key,
-    load_pem,
-    preference_order,
-    read_key_file,
-    write_key_file,
-)
+from echfront.ech.keyset import ECH_INFO_PREFIX, ECHKey, KeySet, generate_key, preference_order
 from echfront.errors import ConfigError
+from echfront.keys.keyfile import dump_pem, load_pem, read_key_file, write_key_file
 
 PKCS8_X25519_PREFIX = bytes.fromhex("302e020100300506032b656e04220420")
 
@@ -679,3 +671,23 @@ def test_recipient_key_repr_hides_private_key(kem_id: int) -> None:
     assert key.recipient.private_bytes.hex() not in repr(key.recipient)
     assert key.recipient.private_bytes.hex() not in repr(key)
     assert isinstance(key.recipient, RecipientKey)
+
+
+@pytest.mark.parametrize(
+    ("name", "home"),
+    [
+        ("KeySet", "echfront.ech.keyset"),
+        ("generate_key", "echfront.ech.keyset"),
+        ("read_key_file", "echfront.keys.keyfile"),
+        ("dump_pem", "echfront.keys.keyfile"),
+    ],
+)
+def test_old_echfront_keys_names_warn_and_resolve(name: str, home: str) -> None:
+    """``echfront.keys`` was a module (0.1.0); its names still work, with a warning."""
+    import echfront.keys  # noqa: PLC0415
+
+    with pytest.warns(DeprecationWarning, match=rf"echfront\.keys\.{name} moved to {home}"):
+        value = getattr(echfront.keys, name)
+    assert value is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError):
+        echfront.keys.no_such_name  # noqa: B018

@@ -24,9 +24,10 @@ from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus, HelloSummary
 from echfront.ech.echconfig import KEM_MLKEM768_X25519
-from echfront.ech.keyset import ECHKey, KeySet, dump_pem, generate_key
+from echfront.ech.keyset import ECHKey, KeySet, generate_key
 from echfront.errors import AlertDescription
 from echfront.front.protocol import ConnectionRecord, FrontSettings
+from echfront.keys.keyfile import dump_pem
 from echfront.logs import (
     CONNECTION_FIELDS,
     BufferedFileLogObserver,

@@ -36,16 +36,9 @@ from echfront.ech.echconfig import (
     decode_config_list,
 )
 from echfront.ech.hpke import _KEMS, DEFAULT_SUITES, HPKEError, RecipientKey
-from echfront.ech.keyset import (
-    ECHKey,
-    KeySet,
-    dump_pem,
-    generate_key,
-    load_pem,
-    read_key_file,
-    write_key_file,
-)
+from echfront.ech.keyset import ECHKey, KeySet, generate_key
 from echfront.errors import ConfigError
+from echfront.keys.keyfile import dump_pem, load_pem, read_key_file, write_key_file
 from echfront.tls.hello import EXT_ECH
 from echfront.tls.records import DEFAULT_MAX_FLIGHT, HandshakeReader
 from tests.gotools import find_go

@@ -4,7 +4,7 @@
 """``twistd echfront`` (echfront.tap): options, the service, reload, shutdown.
 
 Options and their precedence over a file are checked as parsed values.
-:class:`~echfront.tap.FrontService` runs on a ``MemoryReactorClock`` (it
+:class:`~echfront.app.service.FrontService` runs on a ``MemoryReactorClock`` (it
 listens through endpoints, which the memory reactor records) with real
 key, certificate and TOML files in a temporary directory: reload success
 and failure, the file watcher driven by the clock, SIGHUP, and graceful
@@ -37,13 +37,15 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from echfront import tap
 from echfront.app.certs import TestCA
+from echfront.app.service import FrontService, metrics_service
 from echfront.app.workers import WORKER_ENV, Supervisor
 from echfront.config.schema import Config, KeyFileConfig, load_config_file
 from echfront.ech.decoder import ECHDecoder, ECHStatus
-from echfront.ech.keyset import ECHKey, KeySet, generate_key, write_key_file
+from echfront.ech.keyset import ECHKey, KeySet, generate_key
 from echfront.errors import ConfigError
 from echfront.front.metrics import Metrics, MetricsResource
-from echfront.front.protocol import FrontSettings, FrontState
+from echfront.front.state import FrontSettings, FrontState
+from echfront.keys.keyfile import write_key_file
 from echfront.web import QuietSite
 from tests.echhello import InnerSpec, read_flight, seal_hello
 from tests.test_relay import KEY, FixedRouter, RelayTestCase, inner_records
@@ -302,7 +304,7 @@ def test_make_service_for_a_file(tmp_path: Path, files: dict[str, Path]) -> None
     path = write_config(tmp_path / "front.toml", files)
     reactor = MemoryReactorClock()
     service = tap.makeService(parse("--config", str(path), "--metrics", "tcp:9100"), reactor)
-    assert isinstance(service, tap.FrontService)
+    assert isinstance(service, FrontService)
     assert service.worker is None
     service.startService()
     try:
@@ -321,7 +323,7 @@ def test_make_service_demo_prints_its_instructions(
 ) -> None:
     reactor = MemoryReactorClock()
     service = tap.makeService(parse("--state-dir", str(tmp_path)), reactor)
-    assert isinstance(service, tap.FrontService)
+    assert isinstance(service, FrontService)
     out = capsys.readouterr().out
     assert out.startswith("echfront demo: no configuration given")
     assert "https://127.0.0.1:8443/" in out
@@ -361,7 +363,7 @@ def test_make_service_in_a_worker_listens_itself(
     monkeypatch.setenv(WORKER_ENV, "1")
     path = write_config(tmp_path / "front.toml", files, "workers = 4")
     service = tap.makeService(parse("--config", str(path)), MemoryReactorClock())
-    assert isinstance(service, tap.FrontService)
+    assert isinstance(service, FrontService)
     assert service.worker == 1
     assert list(service) == []  # no endpoint services: worker_listen at start instead
 
@@ -369,7 +371,7 @@ def test_make_service_in_a_worker_listens_itself(
 def test_metrics_service(files: dict[str, Path]) -> None:
     reactor = MemoryReactorClock()
     metrics = Metrics()
-    service = tap.metrics_service("tcp:9100:interface=127.0.0.1", metrics.registry, reactor)
+    service = metrics_service("tcp:9100:interface=127.0.0.1", metrics.registry, reactor)
     service.startService()
     ((port, site, _backlog, interface),) = reactor.tcpServers
     assert (port, interface) == (9100, "127.0.0.1")
@@ -380,7 +382,7 @@ def test_metrics_service(files: dict[str, Path]) -> None:
     assert b'echfront_reloads_total{result="success"} 1.0' in body
     service.stopService()
     with pytest.raises(ConfigError, match=r"metrics: 'what:ever'"):
-        tap.metrics_service("what:ever", metrics.registry, reactor)
+        metrics_service("what:ever", metrics.registry, reactor)
 
 
 # -- FrontService: reload -------------------------------------------------------------------
@@ -424,17 +426,17 @@ class ServiceTestCase(SynchronousTestCase):
         write_config(self.path, self.files, body, keys)
         bump_mtime(self.path)
 
-    def service(self, body: str = "", keys: str = "a") -> tap.FrontService:
+    def service(self, body: str = "", keys: str = "a") -> FrontService:
         self.configure(body, keys)
-        return tap.FrontService(lambda: load_config_file(self.path), self.reactor)
+        return FrontService(lambda: load_config_file(self.path), self.reactor)
 
-    def reloads(self, service: tap.FrontService, result: str) -> float:
+    def reloads(self, service: FrontService, result: str) -> float:
         value = service.metrics.registry.get_sample_value(
             "echfront_reloads_total", {"result": result}
         )
         return 0.0 if value is None else value
 
-    def connect(self, service: tap.FrontService) -> tuple[Pipe, RecordingServer]:
+    def connect(self, service: FrontService) -> tuple[Pipe, RecordingServer]:
         front = service.factory.buildProtocol(CLIENT_ADDRESS)
         assert front is not None
         client = RecordingServer()
@@ -450,11 +452,11 @@ def bump_mtime(path: Path) -> None:
     os.utime(path, ns=(_MTIME[0], _MTIME[0]))
 
 
-def config_ids(service: tap.FrontService) -> set[int]:
+def config_ids(service: FrontService) -> set[int]:
     return set(service.factory.state.decoder.keys.config_ids)
 
 
-def key_info_ids(service: tap.FrontService) -> set[str]:
+def key_info_ids(service: FrontService) -> set[str]:
     """config_ids the metrics describe as in service."""
     found = set()
     for family in service.metrics.registry.collect():
@@ -667,14 +669,14 @@ class WatchTests(ServiceTestCase):
 
 
 class ShutdownTests(ServiceTestCase):
-    def started(self, grace: float) -> tap.FrontService:
+    def started(self, grace: float) -> FrontService:
         service = self.service(
             f"[limits]\nshutdown_grace = {grace}\nfirst_flight_timeout = 600\nidle_timeout = 0"
         )
         service.startService()
         return service
 
-    def stop(self, service: tap.FrontService) -> list[object]:
+    def stop(self, service: FrontService) -> list[object]:
         done = service.stopService()
         self.assertIsInstance(done, Deferred)
         fired: list[object] = []
@@ -814,3 +816,14 @@ class HelloRetryAcrossServiceReloadTests(ServiceTestCase):
         self.assertEqual(bytes(client.data), server_hello(retry=True))
         self.assertFalse(pipe.server.disconnecting)
         self.assertFalse(backend_pipe.client.disconnecting)
+
+
+def test_the_running_service_moved_with_a_warning() -> None:
+    """``echfront.tap`` is Options and makeService; the old names still resolve, warning."""
+    with pytest.warns(DeprecationWarning, match=r"echfront\.tap\.FrontService moved to"):
+        assert tap.FrontService is FrontService
+    with pytest.warns(DeprecationWarning, match=r"moved to echfront\.app\.service\.metrics_serv"):
+        assert tap.metrics_service is metrics_service
+    with pytest.raises(AttributeError):
+        tap.no_such_name  # noqa: B018
+    assert sorted(tap.__all__) == ["Options", "makeService", "options_to_config"]

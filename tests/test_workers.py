@@ -565,6 +565,31 @@ def test_sighup_reaches_every_worker(
     assert sorted(kills.sent) == [(1001, signal.SIGHUP), (1002, signal.SIGHUP)]
 
 
+@pytest.mark.parametrize("passes", [True, False])
+def test_sighup_waits_for_the_supervisors_check(
+    supervised: tuple[Supervisor, SpawningReactor], kills: Kills, passes: bool
+) -> None:
+    """SIGHUP reaches the workers only when ``check_reload`` accepts the configuration."""
+    supervisor, _reactor = supervised
+    checked: list[bool] = []
+
+    def check() -> bool:
+        checked.append(True)
+        return passes
+
+    supervisor.check_reload = check
+    handler = signal.getsignal(signal.SIGHUP)
+    assert callable(handler)
+    handler(signal.SIGHUP, None)
+    assert checked == [True]
+    expected = [(1001, signal.SIGHUP), (1002, signal.SIGHUP)] if passes else []
+    assert sorted(kills.sent) == expected
+    # The rotation schedule's own reload (key files changed) never waits for it.
+    supervisor.reload()
+    assert checked == [True]
+    assert len(kills.sent) == len(expected) + 2
+
+
 def test_stop_restores_the_previous_sighup_handler(tmp_path: Path, kills: Kills) -> None:
     previous = signal.getsignal(signal.SIGHUP)
     marker = signal.SIG_IGN

@@ -1,8 +1,9 @@
 """The running application: the service tree, workers, the demo.
 
-Owns: the demo's keys, CA and configuration (:mod:`~echfront.app.demo`,
-:mod:`~echfront.app.certs`) and the ``--workers`` supervisor
-(:mod:`~echfront.app.workers`).
+Owns: the running front with its reload, shutdown and key-rotation schedule
+(:mod:`~echfront.app.service`), the ``--workers`` supervisor
+(:mod:`~echfront.app.workers`), and the demo's keys, CA and configuration
+(:mod:`~echfront.app.demo`, :mod:`~echfront.app.certs`).
 
 May import: every wing below it (``config``, ``front``, ``keys``, ``dns``,
 ``ech``, ``tls``).  Only :mod:`echfront.tap` and :mod:`echfront.cli` import it.

@@ -18,7 +18,8 @@ from pathlib import Path
 from echfront.app.certs import TestCA
 from echfront.config.schema import Config, KeyFileConfig, LocalConfig, RouteConfig
 from echfront.ech.echconfig import encode_config_list
-from echfront.ech.keyset import generate_key, read_key_file, write_key_file
+from echfront.ech.keyset import generate_key
+from echfront.keys.keyfile import read_key_file, write_key_file
 
 __all__ = ["DEMO_PORT", "PRIVATE_NAME", "PUBLIC_NAME", "default_state_dir", "demo_config"]
 

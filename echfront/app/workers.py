@@ -4,7 +4,8 @@
 One twistd process uses one core.  With ``--workers N`` the process started
 by the operator becomes a supervisor: it validates the configuration, starts
 N workers (``twistd echfront`` again, with the same options) and restarts any
-that dies.  SIGHUP to the supervisor reaches every worker (each reloads);
+that dies.  SIGHUP to the supervisor reaches every worker (each reloads)
+once the supervisor's own check passes (:attr:`Supervisor.check_reload`);
 SIGTERM stops them gracefully.
 
 Sharing the listening ports:
@@ -41,7 +42,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from echfront.config.schema import split_endpoint_description
+from echfront.config.endpoints import split_endpoint_description
 from echfront.errors import ConfigError
 
 __all__ = [
@@ -310,6 +311,8 @@ class Supervisor(Service):
         self._started: dict[int, float] = {}
         self._previous_hup: Any = None
         self.on_reload: Callable[[], None] | None = None
+        #: Runs on SIGHUP before the workers are told; False keeps them as they are.
+        self.check_reload: Callable[[], bool] | None = None
 
     def startService(self) -> None:
         """Start every worker and forward SIGHUP."""
@@ -320,7 +323,12 @@ class Supervisor(Service):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
 
     def _on_sighup(self, signum: int, frame: object) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self.hangup)
+
+    def hangup(self) -> None:
+        """SIGHUP: check the configuration (:attr:`check_reload`), then let every worker reload."""
+        if self.check_reload is None or self.check_reload():
+            self.reload()
 
     def reload(self) -> None:
         """Let every worker reload (each checks its configuration itself)."""

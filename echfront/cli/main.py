@@ -24,28 +24,24 @@ from echfront.ech.echconfig import (
     decode_config_list,
     encode_config_list,
     kem_name,
+    option_names,
     parse_config_list_text,
 )
 from echfront.ech.hpke import DEFAULT_SUITES
-from echfront.ech.keyset import (
-    ECHKey,
-    generate_key,
-    load_pem,
-    preference_order,
-    read_key_file,
-    write_key_file,
-)
+from echfront.ech.keyset import ECHKey, generate_key, preference_order
 from echfront.errors import ConfigError
-from echfront.keys.keydir import KEM_NAMES, KeyDirectory, KeyRecord, KeyState, utcnow
+from echfront.keys.keydir import KeyDirectory, KeyRecord, KeyState, utcnow
+from echfront.keys.keyfile import load_pem, read_key_file, write_key_file
 from echfront.keys.rotation import parse_duration
 
 __all__ = ["main"]
 
-_KDFS = {"hkdf-sha256": 1, "hkdf-sha384": 2, "hkdf-sha512": 3}
-_AEADS = {"aes-128-gcm": 1, "aes-256-gcm": 2, "chacha20-poly1305": 3}
-#: ``--kem`` choices: the classical KEM every ECH client supports, and the
-#: post-quantum hybrid (draft-ietf-hpke-pq) that Go >= 1.26 clients use.
-_KEMS = KEM_NAMES
+#: ``--suite`` and ``--kem`` choices, from the one HPKE name table.  The KEMs:
+#: the classical one every ECH client supports, and the post-quantum hybrid
+#: (draft-ietf-hpke-pq) that Go >= 1.26 clients use.
+_KDFS = option_names("KDF")
+_AEADS = option_names("AEAD")
+_KEMS = option_names("KEM")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,60 +1,67 @@
 # -*- test-case-name: tests.test_config -*-
-"""Configuration: TOML (and command-line flags) to validated settings, then to a FrontState.
+"""The configuration's schema: TOML (and command-line flags) to frozen, validated values.
 
-Loading happens in two steps, both of which report a problem as one
-:class:`~echfront.errors.ConfigError` line naming the key:
+:func:`parse_config` checks a document's shape and values, every table
+including ``[publish]``, and returns a frozen :class:`Config`; it reads no
+file and makes no socket, so a bad value is reported before anything is
+built.  Every problem is one :class:`~echfront.errors.ConfigError` line
+naming the key.  :mod:`echfront.config.build` then turns a :class:`Config`
+into running objects.
 
-1. :func:`parse_config` checks the document's shape and values and returns
-   a frozen :class:`Config` (no files are read, no sockets made);
-2. :func:`build_state` reads key and certificate files, builds endpoints,
-   local TLS services and the router, and returns the
-   :class:`~echfront.front.protocol.FrontState` the front serves with.
+Why this module is long: it is the whole schema, thirteen tables, in one
+reader, so that every key is checked the same way (one ``_Section`` per
+table, unknown keys refused) and in one pass; ``[publish]`` used to have a
+second validator of its own, and splitting the tables over modules would
+invite that again.
 
-A reload runs both steps again and swaps the state only if both succeed.
-The reference for every key is docs/configuration.rst.
+Defaults of the ``[limits]``, ``[log]`` and ``[relay]`` settings are read
+from :class:`~echfront.front.state.FrontSettings`, the one place they are
+written.  The reference for every key is docs/configuration.rst (the
+``_Section(...)`` calls below list the known keys; tests.test_docs reads
+them).
 """
 
 from __future__ import annotations
 
-import importlib
+import ipaddress
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IProtocolFactory
-from zope.interface.interface import InterfaceClass
+import dns.exception
+import dns.name
 
+from echfront.dns.rfc2136 import DEFAULT_TTL, TSIG_ALGORITHMS
 from echfront.dns.svcb import validate_alpn_id
-from echfront.ech.decoder import ECHDecoder
-from echfront.ech.echconfig import validate_public_name
-from echfront.ech.keyset import KeySet, read_key_file
+from echfront.dns.verify import DEFAULT_TIMEOUT, DNSServer, absolute_name
+from echfront.ech.echconfig import option_names, validate_public_name
 from echfront.errors import AlertDescription, ConfigError
-from echfront.front.local import load_certificate_options, local_target
-from echfront.front.protocol import FrontSettings, FrontState
-from echfront.interfaces import IRouter, ServiceContext
-from echfront.keys.keydir import KEM_NAMES, KeyDirectory
+from echfront.front.state import FrontSettings
 from echfront.keys.rotation import RotationPolicy, parse_duration
-from echfront.routing import Rule, StaticRouter, validate_pattern
-from echfront.targets import UNRECOGNIZED, Backend, Local, Reject, Route
+from echfront.routing import validate_pattern
 
 __all__ = [
+    "ALERTS",
+    "DEFAULT_LISTEN",
+    "DEFAULT_PUBLIC_FACTORY",
     "BackendConfig",
     "Config",
     "KeyFileConfig",
     "LocalConfig",
+    "PublishConfig",
     "RouteConfig",
-    "build_state",
     "load_config_file",
-    "load_key_set",
     "parse_config",
-    "resolve_dotted",
+    "parse_publish",
 ]
 
 DEFAULT_LISTEN = "tcp:443"
 DEFAULT_PUBLIC_FACTORY = "echfront.web:public_service"
+#: ``reject:NAME`` targets: the alerts the front sends, by name.
+ALERTS = {a.name.lower(): a for a in AlertDescription}
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,30 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """``[publish]``: how rotation puts new configs into DNS, and checks them.
+
+    Paths are absolute (relative ones were taken relative to the
+    configuration file).  With ``method = "none"`` only :attr:`names` is
+    kept: the other keys were checked for being known, not for their
+    values, so publication can be switched off without deleting them.
+    """
+
+    method: str = "none"
+    names: tuple[str, ...] = ()
+    server: DNSServer | None = None
+    zone: str | None = None
+    tsig_key_name: str | None = None
+    tsig_algorithm: str | None = None
+    tsig_secret_file: Path | None = None
+    ttl: int = DEFAULT_TTL
+    command: tuple[str, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT
+    verify_servers: tuple[DNSServer, ...] = ()
+    doh: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated configuration (see docs/configuration.rst)."""
 
@@ -122,8 +153,7 @@ class Config:
     rejected: str | None = None
     key_directory: Path | None = None
     rotation: RotationPolicy | None = None
-    publish: Mapping[str, Any] = field(default_factory=dict)
-    publish_names: tuple[str, ...] = ()
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change triggers a reload when ``[reload] watch`` is on."""
@@ -135,12 +165,11 @@ class Config:
                     files.append(local.key)
         if self.key_directory is not None:
             files.append(self.key_directory)  # its mtime changes as keys come and go
+        if self.publish.tsig_secret_file is not None:
+            files.append(self.publish.tsig_secret_file)
         if self.source is not None:
             files.insert(0, self.source)
         return tuple(files)
-
-
-# -- step 1: shape and values ------------------------------------------------
 
 
 class _Section:
@@ -198,6 +227,42 @@ class _Section:
     def table(self, key: str) -> Mapping[str, Any]:
         value: Mapping[str, Any] = self.get(key, dict, {})
         return value
+
+    def text(self, key: str, *, required: bool = False) -> str | None:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise ConfigError(f"{self._key(key)}: required")
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(
+                f"{self._key(key)}: expected a non-empty string, got {type(value).__name__}"
+            )
+        return value
+
+    def texts(self, key: str) -> tuple[str, ...] | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{self._key(key)}: expected a non-empty list of strings")
+        if not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of non-empty strings")
+        return tuple(value)
+
+    def domain(self, key: str, text: str) -> dns.name.Name:
+        try:
+            return absolute_name(text)
+        except dns.exception.DNSException as error:
+            raise ConfigError(
+                f"{self._key(key)}: {text!r} is not a domain name ({error})"
+            ) from None
+
+    def server(self, key: str, text: str) -> DNSServer:
+        try:
+            return DNSServer.parse(text)
+        except ValueError as error:
+            raise ConfigError(f"{self._key(key)}: {error}") from None
 
     def path(self, key: str, base: Path, *, required: bool = True) -> Path | None:
         value = self.get(key, str)
@@ -272,27 +337,10 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
             "shutdown_grace",
         ),
     )
-    max_flight = limits.get("max_first_flight", int, 64 * 1024)
-    if not 512 <= max_flight <= 1024 * 1024:
-        raise ConfigError("limits.max_first_flight: must be 512..1048576 bytes")
-    log = _Section(top.table("log"), "log", ("server_names",))
-    relay = _Section(top.table("relay"), "relay", ("splice",))
-    hpke_rate = limits.non_negative("hpke_rate", 200.0)
-    hpke_burst = limits.non_negative("hpke_burst", max(hpke_rate * 2, 1.0))
-    if hpke_rate and hpke_burst < 1:
-        raise ConfigError("limits.hpke_burst: must be at least 1 when hpke_rate is set")
-    settings = FrontSettings(
-        first_flight_timeout=limits.positive("first_flight_timeout", 10.0),
-        handshake_timeout=limits.positive("handshake_timeout", 30.0),
-        max_first_flight=max_flight,
-        idle_timeout=limits.non_negative("idle_timeout", 300.0),
-        max_connections=limits.count("max_connections", 10000),
-        max_first_flights_per_address=limits.count("max_first_flights_per_address", 64),
-        hpke_rate=hpke_rate,
-        hpke_burst=hpke_burst,
-        log_server_names=log.get("server_names", bool, False),
-        shutdown_grace=limits.non_negative("shutdown_grace", 30.0),
-        splice=relay.get("splice", bool, True),
+    settings = _settings(
+        limits,
+        _Section(top.table("log"), "log", ("server_names",)),
+        _Section(top.table("relay"), "relay", ("splice",)),
     )
 
     public = None
@@ -325,15 +373,9 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     if rejected_text is not None:
         rejected = _target_of("rejected", rejected_text, backends, locals_, public is not None)
     key_directory, rotation = _keys_section(top.table("keys"), base, public_name)
-    publish_table = dict(top.table("publish"))
-    publish_names = publish_table.pop("names", [])
-    if not isinstance(publish_names, list) or not all(
-        isinstance(n, str) and n for n in publish_names
-    ):
-        raise ConfigError("publish.names: expected a list of host names")
-    if publish_table.get("method", "none") != "none" and not publish_names:
-        raise ConfigError("publish.names: required to publish (the HTTPS records to update)")
-    if publish_table and rotation is None:
+    publish_table = top.table("publish")
+    publish = parse_publish(publish_table, base=base)
+    if set(publish_table) - {"names"} and rotation is None:
         raise ConfigError("publish: needs [keys] directory and rotate (what to publish)")
 
     router_section = _Section(top.table("router"), "router", ("factory", "options"))
@@ -365,8 +407,36 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         rejected=rejected,
         key_directory=key_directory,
         rotation=rotation,
-        publish=publish_table,
-        publish_names=tuple(publish_names),
+        publish=publish,
+    )
+
+
+def _settings(limits: _Section, log: _Section, relay: _Section) -> FrontSettings:
+    """``[limits]``, ``[log]`` and ``[relay]``; defaults from :class:`FrontSettings`."""
+    default = FrontSettings()
+    max_flight = limits.get("max_first_flight", int, default.max_first_flight)
+    if not 512 <= max_flight <= 1024 * 1024:
+        raise ConfigError("limits.max_first_flight: must be 512..1048576 bytes")
+    hpke_rate = limits.non_negative("hpke_rate", default.hpke_rate)
+    # Unset, the burst follows the rate: twice it, as the defaults are.
+    burst_per_rate = default.hpke_burst / default.hpke_rate
+    hpke_burst = limits.non_negative("hpke_burst", max(hpke_rate * burst_per_rate, 1.0))
+    if hpke_rate and hpke_burst < 1:
+        raise ConfigError("limits.hpke_burst: must be at least 1 when hpke_rate is set")
+    return FrontSettings(
+        first_flight_timeout=limits.positive("first_flight_timeout", default.first_flight_timeout),
+        handshake_timeout=limits.positive("handshake_timeout", default.handshake_timeout),
+        max_first_flight=max_flight,
+        idle_timeout=limits.non_negative("idle_timeout", default.idle_timeout),
+        max_connections=limits.count("max_connections", default.max_connections),
+        max_first_flights_per_address=limits.count(
+            "max_first_flights_per_address", default.max_first_flights_per_address
+        ),
+        hpke_rate=hpke_rate,
+        hpke_burst=hpke_burst,
+        log_server_names=log.get("server_names", bool, default.log_server_names),
+        shutdown_grace=limits.non_negative("shutdown_grace", default.shutdown_grace),
+        splice=relay.get("splice", bool, default.splice),
     )
 
 
@@ -402,10 +472,11 @@ def _keys_section(
         name = validate_public_name(name)
     except ConfigError as error:
         raise ConfigError(f"keys.public_name: {error}") from None
+    kems = option_names("KEM")
     kem_names = section.strings("kems") or ("x25519",)
-    unknown = [k for k in kem_names if k not in KEM_NAMES]
+    unknown = [k for k in kem_names if k not in kems]
     if unknown:
-        raise ConfigError(f"keys.kems: unknown KEM {unknown[0]!r} (x25519, mlkem768-x25519)")
+        raise ConfigError(f"keys.kems: unknown KEM {unknown[0]!r} ({', '.join(kems)})")
     rotate = parse_duration(table["rotate"], "keys.rotate")
     grace = parse_duration(table.get("grace", "48h"), "keys.grace")
     max_name_length = section.get("max_name_length", int, 0)
@@ -415,13 +486,146 @@ def _keys_section(
         public_name=name,
         rotate_every=rotate,
         grace=grace,
-        kems=tuple(KEM_NAMES[k] for k in kem_names),
+        kems=tuple(kems[k] for k in kem_names),
         maximum_name_length=max_name_length,
         check_interval=parse_duration(table.get("check_interval", "1m"), "keys.check_interval")
         or 60.0,
         verify_timeout=parse_duration(table.get("verify_timeout", "1m"), "keys.verify_timeout"),
     )
     return directory, policy
+
+
+#: Keys only one publication method uses.
+_METHOD_KEYS = {
+    "rfc2136": ("server", "zone", "tsig_key_name", "tsig_algorithm", "tsig_secret_file", "ttl"),
+    "command": ("command",),
+}
+
+
+def parse_publish(table: Mapping[str, Any], *, base: Path) -> PublishConfig:
+    """Validate the ``[publish]`` table (docs/configuration.rst has every key).
+
+    Nothing is read here: the TSIG secret file and the command's program are
+    looked at when the publisher is built (:mod:`echfront.config.build`).
+
+    :param base: directory that relative paths are relative to.
+    :raises ConfigError: one line naming ``publish.KEY``.
+    """
+    section = _Section(
+        table,
+        "publish",
+        (
+            "method",
+            "names",
+            "server",
+            "zone",
+            "tsig_key_name",
+            "tsig_algorithm",
+            "tsig_secret_file",
+            "ttl",
+            "command",
+            "timeout",
+            "verify_servers",
+            "doh",
+        ),
+    )
+    names = table.get("names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError("publish.names: expected a list of host names")
+    # An empty table, or one with only names, is "none".
+    method = section.text("method", required=bool(set(table) - {"names"})) or "none"
+    if method not in ("rfc2136", "command", "none"):
+        raise ConfigError(
+            f'publish.method: expected "rfc2136", "command" or "none", got {method!r}'
+        )
+    if method == "none":
+        return PublishConfig(names=tuple(names))
+    for other, keys in _METHOD_KEYS.items():
+        for key in keys:
+            if other != method and key in table:
+                raise ConfigError(f'publish.{key}: only used with method = "{other}"')
+    if not names:
+        raise ConfigError("publish.names: required to publish (the HTTPS records to update)")
+    absolute = [section.domain("names", name) for name in names]
+    timeout = table.get("timeout", DEFAULT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigError(f"publish.timeout: expected a number, got {type(timeout).__name__}")
+    if not 0 < timeout <= 3600:
+        raise ConfigError("publish.timeout: must be more than 0 and at most 3600 seconds")
+    server_text = section.text("server", required=method == "rfc2136")
+    server = section.server("server", server_text) if server_text is not None else None
+    verify_texts = section.texts("verify_servers")
+    if verify_texts is not None:
+        verify_servers = tuple(section.server("verify_servers", text) for text in verify_texts)
+    elif server is not None:
+        verify_servers = (server,)
+    else:
+        raise ConfigError(f'publish.verify_servers: required with method = "{method}"')
+    doh = section.text("doh")
+    if doh is not None:
+        _check_doh(doh)
+    common = PublishConfig(
+        method,
+        tuple(names),
+        server,
+        timeout=float(timeout),
+        verify_servers=verify_servers,
+        doh=doh,
+    )
+    if method == "command":
+        argv = section.texts("command")
+        if argv is None:
+            raise ConfigError('publish.command: required with method = "command"')
+        program = Path(argv[0]).expanduser()
+        if "/" in argv[0] and not program.is_absolute():
+            # Like every other path in the configuration: relative to it.
+            argv = (str(base / program), *argv[1:])
+        return replace(common, command=argv)
+    zone = section.text("zone")
+    if zone is not None:
+        apex = section.domain("zone", zone)
+        for name, name_absolute in zip(names, absolute, strict=True):
+            if not name_absolute.is_subdomain(apex):
+                raise ConfigError(f"publish.zone: {name} is not in zone {zone}")
+    ttl = table.get("ttl", DEFAULT_TTL)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= 0x7FFFFFFF:
+        raise ConfigError("publish.ttl: expected a whole number of seconds, 0 to 2147483647")
+    secret_file = section.text("tsig_secret_file", required=True)
+    assert secret_file is not None
+    key_name = section.text("tsig_key_name")
+    if key_name is not None:
+        section.domain("tsig_key_name", key_name)
+    algorithm = section.text("tsig_algorithm")
+    if algorithm is not None:
+        algorithm = algorithm.lower().rstrip(".")
+        if algorithm not in TSIG_ALGORITHMS:
+            raise ConfigError(
+                f"publish.tsig_algorithm: {algorithm!r} is not one of {', '.join(TSIG_ALGORITHMS)}"
+            )
+    path = Path(secret_file).expanduser()
+    return replace(
+        common,
+        zone=zone,
+        tsig_key_name=key_name,
+        tsig_algorithm=algorithm,
+        tsig_secret_file=path if path.is_absolute() else base / path,
+        ttl=ttl,
+    )
+
+
+def _check_doh(url: str) -> None:
+    """A DoH URL: https, or http to a loopback address (tests, local resolvers)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"publish.doh: {url!r} is not an https:// URL")
+    if parts.scheme == "http":
+        host = parts.hostname
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError("publish.doh: plain http:// is only allowed to a loopback address")
 
 
 def _backend_config(name: str, entry: object) -> BackendConfig:
@@ -465,9 +669,6 @@ def _local_config(
     )
 
 
-_ALERTS = {a.name.lower(): a for a in AlertDescription}
-
-
 def _target_of(
     where: str,
     text: str,
@@ -487,7 +688,7 @@ def _target_of(
         return text
     if kind == "reject":
         alert = name or "unrecognized_name"
-        if alert not in _ALERTS:
+        if alert not in ALERTS:
             raise ConfigError(f"{where}: unknown alert {alert!r} (e.g. unrecognized_name)")
         return f"reject:{alert}"
     if kind in ("backend", "local"):
@@ -546,226 +747,3 @@ def load_config_file(path: Path) -> Config:
         return parse_config(data, base=path.parent.resolve(), source=path)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-
-
-# -- step 2: files, endpoints, services ---------------------------------------
-
-
-def resolve_dotted(name: str, where: str) -> Any:
-    """Import ``package.module:attribute`` (or ``package.module.attribute``).
-
-    :raises ConfigError: if it cannot be imported.
-    """
-    module_name, sep, attribute = name.partition(":")
-    if not sep:
-        module_name, _, attribute = name.rpartition(".")
-    if not module_name or not attribute:
-        raise ConfigError(f"{where}: {name!r} is not a dotted name like package.module:callable")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(f"{where}: cannot import {module_name!r} ({error})") from None
-    try:
-        value = module
-        for part in attribute.split("."):
-            value = getattr(value, part)
-    except AttributeError:
-        raise ConfigError(f"{where}: {module_name!r} has no attribute {attribute!r}") from None
-    return value
-
-
-def split_endpoint_description(description: str) -> list[str]:
-    r"""Split a Twisted endpoint string on unescaped colons, unescaping ``\:``."""
-    parts: list[str] = []
-    current = ""
-    escaped = False
-    for char in description:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
-def tcp_client_address(description: str) -> tuple[str, int] | None:
-    """(host, port) of a plain ``tcp:host=H:port=P`` client endpoint string, else None.
-
-    Strings with other options (``bindAddress``) keep the generic endpoint.
-    """
-    kind, *rest = split_endpoint_description(description)
-    if kind != "tcp":
-        return None
-    options = dict(item.partition("=")[::2] for item in rest)
-    options.pop("timeout", None)  # the backend's connect_timeout applies
-    host, port = options.pop("host", ""), options.pop("port", "")
-    if options or not host or not port.isdigit():
-        return None
-    return host, int(port)
-
-
-def load_key_set(config: Config) -> KeySet:
-    """Every key the front serves: ``[ech] keys`` files and the ``[keys]`` directory."""
-    keys = []
-    for entry in config.keys:
-        keys.extend(read_key_file(entry.path, published=entry.published))
-    if config.key_directory is not None:
-        keys.extend(KeyDirectory(config.key_directory).load_keys())
-    return KeySet(keys)
-
-
-def _public_name(config: Config, keys: KeySet) -> str | None:
-    if config.public_name:
-        return config.public_name
-    names = sorted({k.config.public_name for k in keys.keys})
-    return names[0] if names else None
-
-
-def _call_factory(
-    maker: Callable[[Any], Any],
-    context: object,
-    *,
-    where: str,
-    dotted: str,
-    interface: InterfaceClass,
-    what: str,
-) -> Any:
-    """Call an operator's factory; what it returns must provide ``interface``.
-
-    :raises ConfigError: naming ``where`` when it fails or returns something else.
-    """
-    try:
-        made = maker(context)
-    except Exception as error:  # the operator's code: any failure is a config error
-        raise ConfigError(f"{where}: {dotted} failed: {error}") from None
-    # (A bool first: mypy-zope wrongly narrows a providedBy on a variable interface.)
-    provides: bool = interface.providedBy(made)
-    if not provides:
-        raise ConfigError(f"{where}: {dotted} did not return {what}")
-    return made
-
-
-def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]) -> FrontState:
-    """Read files and build everything a :class:`~echfront.front.protocol.FrontState` holds.
-
-    :param current_keys: returns the key set in service at call time; local
-        services (the origin-svcb document) call it per request, so they
-        follow reloads.
-    :raises ConfigError: one line naming the file or key and the problem.
-    """
-    keys = load_key_set(config)
-    public_name = _public_name(config, keys)
-
-    def make_local(where: str, local: LocalConfig) -> Local:
-        options = load_certificate_options(local.cert, local.key, alpn=local.alpn)
-        maker = resolve_dotted(local.factory, f"{where}.factory")
-        context = ServiceContext(reactor, local.options, current_keys, public_name, local.alpn)
-        app_factory = _call_factory(
-            maker,
-            context,
-            where=f"{where}.factory",
-            dotted=local.factory,
-            interface=IProtocolFactory,
-            what="a protocol factory",
-        )
-        return local_target(local.name, options, app_factory, reactor)
-
-    locals_: dict[str, Local] = {}
-    if config.public is not None:
-        locals_["public"] = make_local("public", config.public)
-    for name, local in config.locals.items():
-        locals_[name] = make_local(f"locals.{name}", local)
-
-    backends: dict[str, Backend] = {}
-    for name, backend in config.backends.items():
-        try:
-            endpoint = clientFromString(reactor, backend.endpoint)
-        except Exception as error:  # Twisted raises ValueError, KeyError, TypeError...
-            raise ConfigError(f"backends.{name}.endpoint: {error}") from None
-        backends[name] = Backend(
-            name,
-            endpoint,
-            backend.endpoint,
-            backend.connect_timeout,
-            backend.proxy_protocol,
-            tcp_client_address(backend.endpoint),
-        )
-
-    def target(text: str) -> Route:
-        kind, _, name = text.partition(":")
-        if kind == "backend":
-            return backends[name]
-        if kind == "local":
-            return locals_[name]
-        if kind == "public":
-            return locals_["public"]
-        if name == "unrecognized_name":
-            return UNRECOGNIZED
-        return Reject(_ALERTS[name], "configured rejection")
-
-    rules = [
-        Rule(
-            route.name,
-            target(route.target),
-            None if route.alpn is None else frozenset(a.encode() for a in route.alpn),
-            route.require_ech,
-        )
-        for route in config.routes
-    ]
-    if public_name and "public" in locals_ and not any(r.pattern == public_name for r in rules):
-        # The public name always reaches the public service (the ECH
-        # rejection path lands here: RFC 9849 §6.1.6 needs it authenticated).
-        rules.append(Rule(public_name, locals_["public"]))
-    rejected = None if config.rejected is None else target(config.rejected)
-    public_names = frozenset(
-        {k.config.public_name for k in keys.keys} | ({public_name} if public_name else set())
-    )
-    static = StaticRouter(tuple(rules), target(config.default), rejected, public_names)
-    router: IRouter = static
-    if config.router is not None:
-        maker = resolve_dotted(config.router, "router.factory")
-        context = ServiceContext(
-            reactor,
-            config.router_options,
-            current_keys,
-            public_name,
-            (),
-            backends,
-            locals_,
-            static,
-        )
-        router = _call_factory(
-            maker,
-            context,
-            where="router.factory",
-            dotted=config.router,
-            interface=IRouter,
-            what="an IRouter",
-        )
-    targets: frozenset[Backend | Local] = frozenset((*backends.values(), *locals_.values()))
-    decoder = ECHDecoder(
-        keys,
-        trial_decryption=config.trial_decryption,
-        require_public_name=config.require_public_name,
-    )
-    return FrontState(decoder, router, targets, config.settings)
-
-
-def listen_endpoints(config: Config, reactor: Any) -> list[Any]:
-    """Server endpoints for ``config.listen``.
-
-    :raises ConfigError: naming the bad endpoint string.
-    """
-    endpoints = []
-    for description in config.listen:
-        try:
-            endpoints.append(serverFromString(reactor, description))
-        except Exception as error:
-            raise ConfigError(f"listen: {description!r}: {error}") from None
-    return endpoints

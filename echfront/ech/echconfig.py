@@ -22,17 +22,24 @@ __all__ = [
     "AEAD_CHACHA20_POLY1305",
     "AEAD_EXPORT_ONLY",
     "ECH_VERSION",
+    "HPKE_ALGORITHMS",
     "KDF_HKDF_SHA256",
+    "KDF_HKDF_SHA384",
+    "KDF_HKDF_SHA512",
+    "KEM_DHKEM_P256",
     "KEM_MLKEM768_X25519",
     "KEM_X25519_HKDF_SHA256",
     "POST_QUANTUM_KEMS",
     "ECHConfig",
     "ECHConfigExtension",
+    "HPKEAlgorithm",
     "SymmetricSuite",
+    "algorithm_name",
     "decode_config_list",
     "encode_config_list",
     "hex_preview",
     "kem_name",
+    "option_names",
     "parse_config_list_text",
     "validate_public_name",
 ]
@@ -40,25 +47,59 @@ __all__ = [
 #: RFC 9849 §4: the ECHConfig version this front speaks.
 ECH_VERSION = 0xFE0D
 
-#: HPKE identifiers (RFC 9180 §7).
+#: HPKE identifiers (RFC 9180 §7.1-§7.3).
+KEM_DHKEM_P256 = 0x0010
 KEM_X25519_HKDF_SHA256 = 0x0020
 #: MLKEM768-X25519, a.k.a. X-Wing (draft-ietf-hpke-pq §3; IANA HPKE KEM 0x647a).
 KEM_MLKEM768_X25519 = 0x647A
 #: KEMs whose shared secret stays secret if X25519 falls to a quantum computer.
 POST_QUANTUM_KEMS = frozenset((KEM_MLKEM768_X25519,))
 KDF_HKDF_SHA256 = 0x0001
+KDF_HKDF_SHA384 = 0x0002
+KDF_HKDF_SHA512 = 0x0003
 AEAD_AES_128_GCM = 0x0001
 AEAD_AES_256_GCM = 0x0002
 AEAD_CHACHA20_POLY1305 = 0x0003
 #: An export-only AEAD cannot open ciphertext; it is never accepted (checklist CFG-8).
 AEAD_EXPORT_ONLY = 0xFFFF
 
-_KEM_NAMES = {0x0010: "DHKEM(P-256)", 0x0020: "DHKEM(X25519)", 0x647A: "MLKEM768-X25519"}
 #: Public keys longer than this many bytes are abbreviated in descriptions:
 #: an X25519 key (32) is shown whole, an X-Wing key (1216) is not.
 _SHOWN_KEY_BYTES = 64
-_KDF_NAMES = {1: "HKDF-SHA256", 2: "HKDF-SHA384", 3: "HKDF-SHA512"}
-_AEAD_NAMES = {1: "AES-128-GCM", 2: "AES-256-GCM", 3: "ChaCha20Poly1305", 0xFFFF: "export-only"}
+
+
+@dataclass(frozen=True, slots=True)
+class HPKEAlgorithm:
+    """An HPKE algorithm identifier and its names (RFC 9180 §7.1-§7.3).
+
+    :ivar kind: ``"KEM"``, ``"KDF"`` or ``"AEAD"``.
+    :ivar id: the IANA identifier.
+    :ivar name: the name in descriptions and logs, e.g. ``DHKEM(X25519)``.
+    :ivar option: the name in configuration files and on the command line,
+        e.g. ``x25519``; empty for an algorithm echfront cannot use.
+    """
+
+    kind: str
+    id: int
+    name: str
+    option: str = ""
+
+
+#: The one table of HPKE algorithm names: descriptions, ``[keys] kems``,
+#: ``echfront keygen --kem/--suite`` and ``echfront keys --kem`` all read it.
+HPKE_ALGORITHMS = (
+    HPKEAlgorithm("KEM", KEM_DHKEM_P256, "DHKEM(P-256)"),
+    HPKEAlgorithm("KEM", KEM_X25519_HKDF_SHA256, "DHKEM(X25519)", "x25519"),
+    HPKEAlgorithm("KEM", KEM_MLKEM768_X25519, "MLKEM768-X25519", "mlkem768-x25519"),
+    HPKEAlgorithm("KDF", KDF_HKDF_SHA256, "HKDF-SHA256", "hkdf-sha256"),
+    HPKEAlgorithm("KDF", KDF_HKDF_SHA384, "HKDF-SHA384", "hkdf-sha384"),
+    HPKEAlgorithm("KDF", KDF_HKDF_SHA512, "HKDF-SHA512", "hkdf-sha512"),
+    HPKEAlgorithm("AEAD", AEAD_AES_128_GCM, "AES-128-GCM", "aes-128-gcm"),
+    HPKEAlgorithm("AEAD", AEAD_AES_256_GCM, "AES-256-GCM", "aes-256-gcm"),
+    HPKEAlgorithm("AEAD", AEAD_CHACHA20_POLY1305, "ChaCha20Poly1305", "chacha20-poly1305"),
+    HPKEAlgorithm("AEAD", AEAD_EXPORT_ONLY, "export-only"),
+)
+_NAMES = {(a.kind, a.id): a.name for a in HPKE_ALGORITHMS}
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -67,9 +108,19 @@ class ECHConfigDecodeError(ConfigError):
     """An ECHConfig or ECHConfigList that does not decode."""
 
 
+def algorithm_name(kind: str, ident: int) -> str:
+    """A readable name for an HPKE identifier of ``kind`` (``KEM 0x0011`` if unknown)."""
+    return _NAMES.get((kind, ident), f"{kind} 0x{ident:04x}")
+
+
 def kem_name(kem_id: int) -> str:
     """A readable name for an HPKE KEM identifier."""
-    return _KEM_NAMES.get(kem_id, f"KEM 0x{kem_id:04x}")
+    return algorithm_name("KEM", kem_id)
+
+
+def option_names(kind: str) -> dict[str, int]:
+    """Configuration and command-line names of the usable algorithms of ``kind``."""
+    return {a.option: a.id for a in HPKE_ALGORITHMS if a.kind == kind and a.option}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +132,7 @@ class SymmetricSuite:
 
     def __str__(self) -> str:
         """Return a readable name such as ``HKDF-SHA256/AES-128-GCM``."""
-        kdf = _KDF_NAMES.get(self.kdf_id, f"KDF 0x{self.kdf_id:04x}")
-        aead = _AEAD_NAMES.get(self.aead_id, f"AEAD 0x{self.aead_id:04x}")
-        return f"{kdf}/{aead}"
+        return f"{algorithm_name('KDF', self.kdf_id)}/{algorithm_name('AEAD', self.aead_id)}"
 
 
 @dataclass(frozen=True, slots=True)

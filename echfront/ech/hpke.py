@@ -57,6 +57,8 @@ from echfront.ech.echconfig import (
     AEAD_AES_256_GCM,
     AEAD_CHACHA20_POLY1305,
     KDF_HKDF_SHA256,
+    KDF_HKDF_SHA384,
+    KDF_HKDF_SHA512,
     KEM_MLKEM768_X25519,
     KEM_X25519_HKDF_SHA256,
     SymmetricSuite,
@@ -74,9 +76,6 @@ __all__ = [
     "SenderContext",
     "seal_context",
 ]
-
-KDF_HKDF_SHA384 = 0x0002
-KDF_HKDF_SHA512 = 0x0003
 
 _KDF_HASHES = {KDF_HKDF_SHA256: "sha256", KDF_HKDF_SHA384: "sha384", KDF_HKDF_SHA512: "sha512"}
 _AEADS: dict[int, tuple[Callable[[bytes], AESGCM | ChaCha20Poly1305], int]] = {

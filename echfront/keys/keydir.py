@@ -32,14 +32,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from echfront.ech.echconfig import KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256
-from echfront.ech.keyset import ECHKey, read_key_file, write_key_file
+from echfront.ech.echconfig import KEM_X25519_HKDF_SHA256
+from echfront.ech.keyset import ECHKey
 from echfront.errors import ConfigError
+from echfront.keys.keyfile import read_key_file, write_key_file
 
-__all__ = ["KEM_NAMES", "KeyDirectory", "KeyRecord", "KeyState", "utcnow"]
-
-#: Names used in configuration and on the command line.
-KEM_NAMES = {"x25519": KEM_X25519_HKDF_SHA256, "mlkem768-x25519": KEM_MLKEM768_X25519}
+__all__ = ["KeyDirectory", "KeyRecord", "KeyState", "utcnow"]
 
 
 def utcnow() -> datetime.datetime:

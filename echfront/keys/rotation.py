@@ -36,10 +36,11 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from echfront.ech.echconfig import KEM_X25519_HKDF_SHA256, encode_config_list
-from echfront.ech.keyset import generate_key, preference_order, read_key_file
+from echfront.ech.keyset import generate_key, preference_order
 from echfront.errors import ConfigError
 from echfront.interfaces import IPublisher
 from echfront.keys.keydir import KeyDirectory, KeyRecord, KeyState
+from echfront.keys.keyfile import read_key_file
 
 __all__ = ["RotationPolicy", "Rotator"]
 
