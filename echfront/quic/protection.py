@@ -57,6 +57,7 @@ __all__ = [
     "initial_secrets",
     "protect",
     "retry_integrity_tag",
+    "unmask_packet_number",
     "unprotect",
     "verify_retry",
 ]
@@ -180,8 +181,10 @@ def unmask_packet_number(
     :returns: the unprotected header, the full packet number and its length.
     """
     pn_offset = header.pn_offset
+    if pn_offset < 0:
+        raise QuicDrop("packet has no packet number to unprotect")
     sample = datagram[pn_offset + 4 : pn_offset + 4 + _SAMPLE_LENGTH]
-    if len(sample) < _SAMPLE_LENGTH or pn_offset < 0:
+    if len(sample) < _SAMPLE_LENGTH:
         raise QuicDrop("packet too short to sample for header protection")
     mask = keys.mask(sample)
     first = datagram[header.start] ^ (mask[0] & 0x0F)
