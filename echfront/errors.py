@@ -10,10 +10,13 @@ reach a peer and are reported as one line to the operator.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
+from types import MappingProxyType
 from typing import ClassVar
 
 __all__ = [
+    "ALERT_NAMES",
     "AlertDescription",
     "AlertError",
     "ConfigError",
@@ -26,12 +29,59 @@ __all__ = [
     "RecordOverflow",
     "UnexpectedMessage",
     "UnrecognizedName",
+    "alert_name",
     "alert_record",
 ]
 
+#: Every TLS alert description by its registry name (RFC 8446 §6 and the IANA
+#: "TLS Alerts" registry; ``ech_required`` from RFC 9849 §11.2).  The one
+#: alert-name table: log fields, metric labels and messages name alerts
+#: through it (:func:`alert_name`).
+ALERT_NAMES: Mapping[int, str] = MappingProxyType(
+    {
+        0: "close_notify",
+        10: "unexpected_message",
+        20: "bad_record_mac",
+        22: "record_overflow",
+        40: "handshake_failure",
+        42: "bad_certificate",
+        43: "unsupported_certificate",
+        44: "certificate_revoked",
+        45: "certificate_expired",
+        46: "certificate_unknown",
+        47: "illegal_parameter",
+        48: "unknown_ca",
+        49: "access_denied",
+        50: "decode_error",
+        51: "decrypt_error",
+        70: "protocol_version",
+        71: "insufficient_security",
+        80: "internal_error",
+        86: "inappropriate_fallback",
+        90: "user_canceled",
+        109: "missing_extension",
+        110: "unsupported_extension",
+        112: "unrecognized_name",
+        113: "bad_certificate_status_response",
+        115: "unknown_psk_identity",
+        116: "certificate_required",
+        120: "no_application_protocol",
+        121: "ech_required",
+    }
+)
+
+
+def alert_name(alert: int) -> str:
+    """The registry name of an alert description (``unrecognized_name``), or ``unknown``."""
+    return ALERT_NAMES.get(int(alert), "unknown")
+
 
 class AlertDescription(IntEnum):
-    """TLS alert descriptions used by the front (RFC 8446 §6, RFC 9849 §11.2)."""
+    """The TLS alerts the front sends (RFC 8446 §6, RFC 9849 §11.2).
+
+    Members are constants for code; their text is :func:`alert_name` (the
+    member names agree with :data:`ALERT_NAMES`, tests.test_errors checks).
+    """
 
     UNEXPECTED_MESSAGE = 10
     RECORD_OVERFLOW = 22
@@ -58,7 +108,8 @@ class AlertError(Exception):
     def __str__(self) -> str:
         """Return ``"<alert name>: <message>"``, one line."""
         text = super().__str__()
-        return f"{self.alert.name.lower()}: {text}" if text else self.alert.name.lower()
+        name = alert_name(self.alert)
+        return f"{name}: {text}" if text else name
 
 
 class UnexpectedMessage(AlertError):

@@ -17,6 +17,10 @@ true``.  Names the client sent in the clear (no ECH, or ECH rejected) are
 visible on the wire anyway and are logged.  Keys never reach a log: no
 event carries key material, and key objects do not print it.
 
+The front emits the event (:func:`echfront.front.protocol.log_connection`)
+with the fields of :func:`echfront.front.connection.connection_event_fields`;
+this module only writes events out.
+
 ``twistd --logger=echfront.logs.json_observer`` writes every event, these
 and Twisted's own, as one JSON object per line on standard output;
 ``twistd --logger=echfront.logs.text_observer`` writes the usual text lines.
@@ -29,83 +33,25 @@ at shutdown), so a line is late by at most that much.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
 
-from echfront.ech.decoder import ECHStatus
+from echfront.front.connection import CONNECTION_EVENT
 
 if TYPE_CHECKING:
-    from echfront.front.protocol import ConnectionRecord
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 __all__ = [
-    "CONNECTION_FIELDS",
     "BufferedFileLogObserver",
-    "connection_event_fields",
     "json_observer",
-    "log_connection",
     "text_observer",
 ]
-
-_log = Logger(namespace="echfront.connection")
-
-#: The fields of a connection event, in the order the text form shows them.
-CONNECTION_FIELDS = (
-    "peer",
-    "route",
-    "ech",
-    "config_id",
-    "alert",
-    "hrr",
-    "bytes_from_client",
-    "bytes_to_client",
-    "first_flight_bytes",
-    "duration",
-    "close_reason",
-    "zero_copy",
-    "worker",
-    "server_name",
-)
-
-
-def connection_event_fields(
-    record: ConnectionRecord, now: float, *, log_server_names: bool
-) -> dict[str, Any]:
-    """The fields of one connection's event (see the module docstring)."""
-    info = record.hello
-    fields: dict[str, Any] = {
-        "peer": record.peer,
-        "route": record.route or "none",
-        "ech": "error" if info is None else info.status.value,
-        "config_id": None if info is None else info.config_id,
-        "alert": None if record.alert is None else record.alert.name.lower(),
-        "hrr": record.hello_retry,
-        "bytes_from_client": record.bytes_from_client,
-        "bytes_to_client": record.bytes_to_client,
-        "first_flight_bytes": record.first_flight_bytes,
-        "duration": round(now - record.started, 6),
-        "close_reason": record.close_reason,
-        "zero_copy": record.zero_copy,
-        "worker": os.getpid(),
-    }
-    if info is not None and (log_server_names or info.status is not ECHStatus.ACCEPTED):
-        fields["server_name"] = info.server_name
-    return fields
-
-
-def log_connection(record: ConnectionRecord, now: float, *, log_server_names: bool) -> None:
-    """Emit the connection's event (level info); ``now`` is on the record's clock."""
-    fields = connection_event_fields(record, now, log_server_names=log_server_names)
-    # Rendered here once: a format string with a dozen fields would be parsed
-    # again by every text observer, for every connection.
-    text = " ".join(f"{name}={fields[name]}" for name in CONNECTION_FIELDS if name in fields)
-    _log.info("connection {text}", text=text, echfront_connection=True, **fields)
-
 
 _SKIP = frozenset(
     (
@@ -124,7 +70,7 @@ _SKIP = frozenset(
         "format",
         "system",
         "isError",
-        "echfront_connection",
+        CONNECTION_EVENT,
         "text",
     )
 )
@@ -140,7 +86,7 @@ def _json_event(event: dict[str, Any]) -> str:
         "namespace": event.get("log_namespace", ""),
         "text": formatEvent(event),
     }
-    if event.get("echfront_connection"):
+    if event.get(CONNECTION_EVENT):
         record.update((k, v) for k, v in event.items() if k not in _SKIP)
     failure = event.get("log_failure")
     if failure is not None:
@@ -169,8 +115,9 @@ def _text_event(event: dict[str, Any]) -> str:
 class BufferedFileLogObserver:
     """Write formatted events to a stream in batches (see the module docstring).
 
-    :param clock: the reactor, for the flush timer; the global one if None
-        (observers are made by twistd before any service exists).
+    :param reactor: for the flush timer (and, when it provides
+        ``IReactorCore``, the flush at shutdown); the global reactor if None
+        (observers are made by twistd before any reactor is installed).
     """
 
     FLUSH_SECONDS = 0.5
@@ -180,15 +127,15 @@ class BufferedFileLogObserver:
         self,
         stream: IO[str],
         format_event: Callable[[dict[str, Any]], str],
-        clock: Any = None,
+        reactor: IReactorTime | None = None,
     ) -> None:
         """Format with ``format_event`` and write to ``stream``."""
         self._stream = stream
         self._format = format_event
-        self._clock = clock
+        self._reactor = reactor
         self._lines: list[str] = []
         self._size = 0
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._shutdown_hooked = False
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -204,15 +151,15 @@ class BufferedFileLogObserver:
             self._schedule()
 
     def _schedule(self) -> None:
-        clock = self._clock
-        if clock is None:
-            from twisted.internet import reactor  # noqa: PLC0415 (installed after observers)
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor as installed  # noqa: PLC0415 (installed late)
 
-            clock = self._clock = reactor
-        if not self._shutdown_hooked and hasattr(clock, "addSystemEventTrigger"):
-            clock.addSystemEventTrigger("after", "shutdown", self.flush)
+            reactor = self._reactor = installed
+        if not self._shutdown_hooked and IReactorCore.providedBy(reactor):
+            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
             self._shutdown_hooked = True
-        self._timer = clock.callLater(self.FLUSH_SECONDS, self.flush)
+        self._timer = reactor.callLater(self.FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
         """Write everything buffered."""

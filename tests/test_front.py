@@ -15,6 +15,8 @@ visible as ``reactor.tcpClients``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -27,7 +29,8 @@ from zope.interface import implementer
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription
-from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
+from echfront.front.protocol import FrontFactory, FrontProtocol
+from echfront.front.state import FrontSettings, FrontState
 from echfront.interfaces import IRouter
 from echfront.routing import Rule, StaticRouter
 from echfront.targets import Backend, Local, Reject, Route
@@ -535,3 +538,16 @@ class ReloadTests(FrontTestCase):
         self.assertIs(info.status, ECHStatus.REJECTED)
         self.assertEqual(info.server_name, PUBLIC_NAME)
         self.assertEqual(self.backend_data(), grease.records)
+
+
+def test_settings_state_and_hand_off_load_no_twisted() -> None:
+    """The configuration reads FrontSettings' defaults without starting a front."""
+    script = (
+        "import sys\n"
+        "import echfront.front.connection, echfront.front.state\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('twisted', 'OpenSSL')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

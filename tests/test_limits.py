@@ -24,7 +24,8 @@ from twisted.internet.interfaces import IAddress
 from echfront.ech.decoder import ECHStatus
 from echfront.errors import AlertDescription
 from echfront.front.limits import AddressLimits, address_key
-from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings
+from echfront.front.protocol import FrontFactory, FrontProtocol
+from echfront.front.state import FrontSettings
 from echfront.targets import Backend
 from echfront.tls.hello import handshake_message
 from tests.echhello import frame, grease_extension, seal_hello

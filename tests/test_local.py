@@ -30,13 +30,10 @@ from echfront.app.certs import TestCA
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.keyset import KeySet
 from echfront.errors import ConfigError
-from echfront.front.local import (
-    LocalHandoff,
-    hello_info_for,
-    load_certificate_options,
-    local_target,
-)
-from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
+from echfront.front.local import LocalHandoff, hello_info_for, local_target
+from echfront.front.protocol import FrontFactory, FrontProtocol
+from echfront.front.state import FrontSettings, FrontState
+from echfront.front.tlsoptions import load_certificate_options
 from echfront.interfaces import IRouter
 from echfront.targets import Local, Route
 from tests.twistedhelpers import CLIENT_ADDRESS, Network, Pipe

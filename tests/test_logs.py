@@ -26,16 +26,11 @@ from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus, HelloSu
 from echfront.ech.echconfig import KEM_MLKEM768_X25519
 from echfront.ech.keyset import ECHKey, KeySet, generate_key
 from echfront.errors import AlertDescription
-from echfront.front.protocol import ConnectionRecord, FrontSettings
+from echfront.front.connection import CONNECTION_FIELDS, ConnectionRecord, connection_event_fields
+from echfront.front.protocol import log_connection
+from echfront.front.state import FrontSettings
 from echfront.keys.keyfile import dump_pem
-from echfront.logs import (
-    CONNECTION_FIELDS,
-    BufferedFileLogObserver,
-    connection_event_fields,
-    json_observer,
-    log_connection,
-    text_observer,
-)
+from echfront.logs import BufferedFileLogObserver, json_observer, text_observer
 from tests.echhello import grease_extension, read_flight, seal_hello
 from tests.test_front import KEY, SECRET_NAME, FrontTestCase
 from tests.twistedhelpers import CLIENT_ADDRESS, RecordingServer, alert, plain_hello

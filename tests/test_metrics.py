@@ -24,9 +24,11 @@ from twisted.web.test.requesthelper import DummyRequest
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription
-from echfront.front.local import load_certificate_options, local_target
+from echfront.front.connection import ConnectionRecord
+from echfront.front.local import local_target
 from echfront.front.metrics import Metrics, MetricsResource
-from echfront.front.protocol import ConnectionRecord, FrontFactory, FrontProtocol
+from echfront.front.protocol import FrontFactory, FrontProtocol
+from echfront.front.tlsoptions import load_certificate_options
 from echfront.tls.hello import handshake_message
 from echfront.web import QuietSite
 from tests.echhello import frame, grease_extension, read_flight, seal_hello

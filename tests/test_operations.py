@@ -53,8 +53,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
+from echfront.front.connection import CONNECTION_FIELDS
 from echfront.keys.keyfile import read_key_file
-from echfront.logs import CONNECTION_FIELDS
 from tests.echhello import DEFAULT_EXTENSIONS, EXT_KEY_SHARE, InnerSpec, seal_hello
 from tests.frontproc import (
     REPO_ROOT,

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
@@ -30,8 +32,12 @@ from zope.interface import implementer
 
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.keyset import KeySet, generate_key
-from echfront.front.protocol import FrontFactory, FrontProtocol, FrontSettings, FrontState
+from echfront.errors import AlertDescription
+from echfront.front.connection import ConnectionRecord, StreamTransport
+from echfront.front.metrics import Metrics
+from echfront.front.protocol import FrontFactory, FrontProtocol
 from echfront.front.relay import Relay
+from echfront.front.state import FrontSettings, FrontState
 from echfront.interfaces import IRouter
 from echfront.targets import Backend, Route
 from echfront.tls.records import CONTENT_HANDSHAKE, frame_records
@@ -43,6 +49,7 @@ from tests.echhello import (
     InnerSpec,
     SealedHello,
     grease_extension,
+    read_flight,
     seal_hello,
     sni,
 )
@@ -51,6 +58,7 @@ from tests.twistedhelpers import (
     CLIENT_ADDRESS,
     EARLY_DATA,
     FRONT_ADDRESS,
+    MemoryTransport,
     Network,
     Pipe,
     RecordingFactory,
@@ -188,6 +196,32 @@ class ForwardingTests(RelayTestCase):
         self.net.complete_backend(self.clock)
         self.net.flush()
         self.assertEqual(bytes(self.backends.built[0].data), records + EARLY_DATA + APP_DATA)
+
+    def held_while_connecting(self, first: bytes) -> bytes:
+        """What the backend gets when the client's transport ignores the pause:
+        ``first`` + CCS, then APP_DATA read (and held) while connecting."""
+        front = self.factory.buildProtocol(CLIENT_ADDRESS)
+        assert front is not None
+        pipe = self.net.connect(RecordingServer(), front)
+        pipe.server.honours_pause = False
+        pipe.client.write(first + CCS)
+        self.net.flush()
+        pipe.client.write(APP_DATA)
+        self.net.flush()
+        self.assertEqual(self.backends.built, [])
+        self.net.complete_backend(self.clock)
+        self.net.flush()
+        return bytes(self.backends.built[0].data)
+
+    def test_bytes_held_while_connecting_follow_the_pending_ones(self) -> None:
+        records = plain_hello()
+        self.assertEqual(self.held_while_connecting(records), records + CCS + APP_DATA)
+
+    def test_bytes_held_while_connecting_follow_the_pending_ones_when_inspecting(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        self.assertEqual(
+            self.held_while_connecting(sealed.records), inner_records(sealed) + CCS + APP_DATA
+        )
 
     def test_only_whole_records_before_the_server_hello(self) -> None:
         sealed = seal_hello(KEY.config, InnerSpec())
@@ -481,6 +515,83 @@ class ConnectTests(RelayTestCase):
         self.clock.advance(60)
         self.net.flush()
         self.assertFalse(pipe.server.disconnecting)
+
+
+class ClientSideOnly:
+    """No front at all: just what echfront.front.connection.ClientSide declares."""
+
+    def __init__(self) -> None:
+        self.transport: StreamTransport = MemoryTransport(
+            Protocol(), host=FRONT_ADDRESS, peer=CLIENT_ADDRESS
+        )
+        self.record = ConnectionRecord(started=0.0)
+        self.sinks: list[Callable[[bytes], object]] = []
+        self.handshakes_done = 0
+        self.refused: list[tuple[AlertDescription, str]] = []
+
+    def set_input(self, sink: Callable[[bytes], object]) -> None:
+        self.sinks.append(sink)
+
+    def handshake_done(self) -> None:
+        self.handshakes_done += 1
+
+    def refuse(self, alert: AlertDescription, reason: str) -> None:
+        self.refused.append((alert, reason))
+
+
+class HandOffTests(SynchronousTestCase):
+    """A relay works with what it is handed (issue 10): a ClientSide, the
+    reactor, metrics, settings and the pending bytes; never a front protocol."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.net = Network(self.reactor)
+        self.backends = RecordingFactory()
+        TCP4ServerEndpoint(self.reactor, BACKEND_PORT).listen(self.backends)
+        self.client = ClientSideOnly()
+        self.metrics = Metrics()
+        backend = Backend(
+            "be",
+            TCP4ClientEndpoint(self.reactor, "127.0.0.1", BACKEND_PORT),
+            address=("127.0.0.1", BACKEND_PORT),
+        )
+        info = ECHDecoder(KeySet([KEY])).decode(read_flight(plain_hello()))
+        self.relay = Relay(
+            self.client,
+            info,
+            backend,
+            self.reactor,
+            metrics=self.metrics,
+            settings=FrontSettings(splice=False),
+        )
+
+    def test_pending_bytes_follow_the_first_flight(self) -> None:
+        self.relay.start(CCS + APP_DATA)
+        self.net.complete_backend(self.reactor)
+        self.net.flush()
+        self.assertEqual(bytes(self.backends.built[0].data), plain_hello() + CCS + APP_DATA)
+        self.assertEqual(self.client.record.bytes_from_client, len(CCS + APP_DATA))
+        self.assertEqual(len(self.client.sinks), 1)  # the fast path, at once
+        self.assertEqual(self.client.handshakes_done, 1)
+        self.assertEqual(
+            self.metrics.registry.get_sample_value(
+                "echfront_backend_connect_seconds_count", {"backend": "be"}
+            ),
+            1.0,
+        )
+
+    def test_refused_connect_is_refused_through_the_client_side_and_counted(self) -> None:
+        self.relay.start(b"")
+        ConnectionCompleter(self.reactor).failOnce(Failure(ConnectionRefusedError()))
+        ((alert_sent, reason),) = self.client.refused
+        self.assertIs(alert_sent, AlertDescription.INTERNAL_ERROR)
+        self.assertTrue(reason.startswith("backend connect failed"))
+        self.assertEqual(
+            self.metrics.registry.get_sample_value(
+                "echfront_backend_failures_total", {"backend": "be", "reason": "refused"}
+            ),
+            1.0,
+        )
 
 
 class HalfCloseTests(RelayTestCase):

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from echfront.front import splice
-from echfront.front.protocol import ConnectionRecord
+from echfront.front.connection import ConnectionRecord
 from tests.frontproc import FrontProcess, make_pki
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
 

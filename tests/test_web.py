@@ -34,8 +34,10 @@ from echfront.dns.svcb import origin_svcb_document
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.echconfig import decode_config_list
 from echfront.ech.keyset import KeySet, generate_key
-from echfront.front.local import load_certificate_options, local_target
-from echfront.front.protocol import FrontFactory, FrontSettings, FrontState
+from echfront.front.local import local_target
+from echfront.front.protocol import FrontFactory
+from echfront.front.state import FrontSettings, FrontState
+from echfront.front.tlsoptions import load_certificate_options
 from echfront.interfaces import ServiceContext
 from tests.echhello import grease_extension, read_flight, seal_hello
 from tests.test_local import CA, ISSUED, PUBLIC_NAME, ToLocal

@@ -76,7 +76,16 @@ class ECHStatus(enum.Enum):
 
 
 class RejectReason(enum.Enum):
-    """Why ECH was rejected; for metrics only, never for behaviour (REJ-7)."""
+    """Which of the three rejection paths the decoder took (RFC 9849 §7.1).
+
+    The three look the same to the client by design (§10.10.4, checklist
+    REJ-7): the outcome is ``ECHStatus.REJECTED`` and the connection goes on
+    with the outer hello.  The reason is a diagnostic on
+    :class:`ClientHelloInfo` (what routers and local services receive, and
+    what the decoder's tests check path by path); the front neither logs
+    nor counts it (it is not in :class:`HelloSummary`), and nothing may act
+    on it.
+    """
 
     UNKNOWN_CONFIG_ID = "unknown_config_id"
     UNSUPPORTED_SUITE = "unsupported_suite"
@@ -316,7 +325,7 @@ class ClientHelloInfo:
     :ivar status: the ECH outcome.
     :ivar config_id: the config_id the client used, when ECH was offered.
     :ivar key: the key that decrypted, when accepted.
-    :ivar reject_reason: why ECH was rejected, for metrics only.
+    :ivar reject_reason: which rejection path was taken (see :class:`RejectReason`).
     :ivar server_name: the effective SNI: inner when accepted, else outer.
     :ivar alpn: the effective ALPN protocol list, likewise.
     :ivar forward: records to send to the backend in place of the client's
@@ -338,11 +347,6 @@ class ClientHelloInfo:
     forward: bytes
     rest: bytes
     second_hello: SecondHelloDecoder | None
-
-    @property
-    def effective(self) -> ClientHello:
-        """The hello that decides routing: inner if accepted, else outer."""
-        return self.inner if self.inner is not None else self.outer
 
     @property
     def summary(self) -> HelloSummary:

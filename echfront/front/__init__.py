@@ -3,10 +3,15 @@
 Owns: the hand-off protocols and connection facts
 (:mod:`~echfront.front.connection`), the settings and state a connection is
 decided with (:mod:`~echfront.front.state`), the first-flight protocol and
-its factory (:mod:`~echfront.front.protocol`), the relay to backends and its
-zero-copy engine (:mod:`~echfront.front.relay`,
-:mod:`~echfront.front.splice`), local TLS termination
-(:mod:`~echfront.front.local`), PROXY headers, limits and metrics.
+its factory (:mod:`~echfront.front.protocol`), the relay to backends, the
+backend connect and its zero-copy engine (:mod:`~echfront.front.relay`,
+:mod:`~echfront.front.backend`, :mod:`~echfront.front.splice`), local TLS
+termination and its certificate options (:mod:`~echfront.front.local`,
+:mod:`~echfront.front.tlsoptions`), PROXY headers, limits and metrics.
+
+Inside the wing, arrows run from the protocol down to the handlers (relay,
+local) and from them to ``connection``/``state``; the handlers never import
+the protocol, they are handed a :class:`~echfront.front.connection.ClientSide`.
 
 May import: :mod:`echfront.tls`, :mod:`echfront.ech`, :mod:`echfront.errors`,
 :mod:`echfront.interfaces`, :mod:`echfront.targets`, Twisted and pyOpenSSL.

@@ -26,11 +26,13 @@ from prometheus_client import (
 )
 from twisted.web.resource import Resource
 
+from echfront.errors import alert_name
+
 if TYPE_CHECKING:
     from twisted.web.server import Request
 
     from echfront.ech.keyset import KeySet
-    from echfront.front.protocol import ConnectionRecord
+    from echfront.front.connection import ConnectionRecord
 
 __all__ = ["Metrics", "MetricsResource", "key_publications_counter"]
 
@@ -156,8 +158,8 @@ class Metrics:
     def closed(self, record: ConnectionRecord) -> None:
         """Count a finished connection."""
         info = record.hello
-        ech = "error" if info is None else info.status.value
-        alert = "none" if record.alert is None else record.alert.name.lower()
+        ech = record.ech
+        alert = "none" if record.alert is None else alert_name(record.alert)
         self.connections.labels(ech, alert, record.route or "none").inc()
         if info is not None and info.config_id is not None:
             self.ech_configs.labels(str(info.config_id), ech).inc()

@@ -10,183 +10,99 @@ ClientHello is complete, so nothing is read past what the hand-off needs,
 and it never closes without telling the client why: every refusal is a
 precise TLS alert.
 
-Everything a connection needs (decoder, router, allowed targets, limits) is
-one immutable :class:`FrontState`.  The factory holds the current state and
-a reload swaps it; each connection keeps the state it was accepted with.
+The hand-off is declared in :mod:`echfront.front.connection`: the protocol
+is the handlers' :class:`~echfront.front.connection.ClientSide`, and gives
+each handler what it uses (reactor, metrics, settings, the pending bytes)
+as arguments.  What a connection is decided with is one immutable
+:class:`~echfront.front.state.FrontState`, which a reload replaces.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from typing import Protocol as TypingProtocol
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, HelloSummary
 from echfront.errors import AlertDescription, AlertError, InternalError, alert_record
+from echfront.front.connection import (
+    CONNECTION_EVENT,
+    CONNECTION_FIELDS,
+    ConnectionRecord,
+    connection_event_fields,
+    format_address,
+)
 from echfront.front.limits import AddressLimits, address_key
 from echfront.front.local import LocalHandoff
 from echfront.front.metrics import Metrics
 from echfront.front.relay import Relay
-from echfront.interfaces import IRouter
-from echfront.logs import log_connection
 from echfront.targets import Backend, Local, Reject, Route
 from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO
-from echfront.tls.records import DEFAULT_MAX_FLIGHT, HandshakeReader
+from echfront.tls.records import HandshakeReader
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IAddress, IDelayedCall
+    from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 
-__all__ = [
-    "ConnectionRecord",
-    "FrontFactory",
-    "FrontProtocol",
-    "FrontSettings",
-    "FrontState",
-    "StreamTransport",
-]
+    from echfront.ech.decoder import ClientHelloInfo
+    from echfront.front.connection import ClientSide, Handler, StreamTransport
+    from echfront.front.state import FrontState
+
+__all__ = ["FrontFactory", "FrontProtocol", "log_connection"]
+
+_log = Logger(namespace="echfront.connection")
 
 
-class StreamTransport(TypingProtocol):
-    """What the front needs of a connected stream transport (TCP, UNIX, TLS...).
+def log_connection(record: ConnectionRecord, now: float, *, log_server_names: bool) -> None:
+    """Emit the connection's one event (level info); ``now`` in the reactor's seconds.
 
-    Twisted types ``Protocol.transport`` as an optional ``ITransport``; the
-    producer and abort methods used here are on every stream transport
-    Twisted has, so protocols here narrow the attribute to this.
+    Observers (:mod:`echfront.logs`) write its fields, documented in
+    docs/operations.rst, as JSON or text.
     """
-
-    def write(self, data: bytes) -> None: ...
-    def loseConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def getPeer(self) -> IAddress: ...
-    def getHost(self) -> IAddress: ...
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class FrontSettings:
-    """Limits and switches that may change on reload, each with a safe default.
-
-    :ivar first_flight_timeout: seconds to receive the whole ClientHello;
-        a client that is slower is aborted (slowloris, checklist PAR-10).
-    :ivar handshake_timeout: seconds from the ClientHello to the end of the
-        inspected phase: the backend's ServerHello when relaying, the TLS
-        handshake when terminating locally.
-    :ivar max_first_flight: bytes of records the ClientHello may occupy.
-    :ivar idle_timeout: seconds without a byte either way after which a
-        relayed or locally served connection is closed (0: never).  Checked
-        by a sweep every ``idle_timeout / 2`` seconds, so a connection is
-        closed after between one and one and a half times this.
-    :ivar max_connections: open client connections; new ones beyond it are
-        closed at once (0: unlimited).
-    :ivar max_first_flights_per_address: unfinished first flights per client
-        address (IPv6: per /64); more are closed at once (0: unlimited).
-    :ivar hpke_rate: HPKE decryptions per second per client address (0:
-        unlimited); a ClientHello beyond it gets handshake_failure.
-    :ivar hpke_burst: how many of those may come at once.
-    :ivar log_server_names: log the inner server name of ECH connections.
-    :ivar shutdown_grace: seconds open connections get to finish on shutdown.
-    :ivar splice: relay with splice(2) once inspection is over (Linux).
-    """
-
-    first_flight_timeout: float = 10.0
-    handshake_timeout: float = 30.0
-    max_first_flight: int = DEFAULT_MAX_FLIGHT
-    idle_timeout: float = 300.0
-    max_connections: int = 10000
-    max_first_flights_per_address: int = 64
-    hpke_rate: float = 200.0
-    hpke_burst: float = 400.0
-    log_server_names: bool = False
-    shutdown_grace: float = 30.0
-    splice: bool = True
-
-
-@dataclass(frozen=True)
-class FrontState:
-    """What a connection is decided with; replaced as a whole on reload.
-
-    :ivar targets: the only connectable targets; a router returning any
-        other is refused, so the front is never an open proxy.
-    """
-
-    decoder: ECHDecoder
-    router: IRouter
-    targets: frozenset[Backend | Local]
-    settings: FrontSettings = field(default_factory=FrontSettings)
-
-
-@dataclass
-class ConnectionRecord:
-    """Facts about one connection, filled in as it progresses (for logs, metrics).
-
-    :ivar started: the clock's seconds at accept.
-    :ivar address: the client address as limits account it.
-    :ivar limit: the limit that closed the connection, if one did.
-    """
-
-    started: float
-    peer: str = ""
-    address: str = ""
-    hello: HelloSummary | None = None
-    route: str = ""
-    alert: AlertDescription | None = None
-    close_reason: str = ""
-    limit: str = ""
-    first_flight_bytes: int = 0
-    hello_retry: bool = False
-    bytes_from_client: int = 0
-    bytes_to_client: int = 0
-    zero_copy: bool = False
-
-
-def format_address(address: object) -> str:
-    """``host:port`` (``[host]:port`` for IPv6), or the address's own text."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if isinstance(host, str) and isinstance(port, int):
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(address)
+    fields = connection_event_fields(record, now, log_server_names=log_server_names)
+    # Rendered here once: a format string with a dozen fields would be parsed
+    # again by every text observer, for every connection.
+    text = " ".join(f"{name}={fields[name]}" for name in CONNECTION_FIELDS if name in fields)
+    _log.info("connection {text}", text=text, **{CONNECTION_EVENT: True}, **fields)
 
 
 @implementer(IHalfCloseableProtocol)
 class FrontProtocol(Protocol):
     """One client connection (see the module docstring).
 
-    ``dataReceived`` is rebound per phase: the first-flight reader, then a
-    holding buffer while routing, then the relay or the local TLS protocol,
-    and finally, on the relay fast path, a two-line function that counts the
-    bytes and writes them to the backend transport.
+    It is the :class:`~echfront.front.connection.ClientSide` its handler
+    works with.  ``dataReceived`` is rebound per phase: the first-flight
+    reader, then a holding buffer while routing, then the relay or the local
+    TLS protocol, and finally, on the relay fast path, a two-line function
+    that counts the bytes and writes them to the backend transport.
+
+    :param state: what the connection is decided with.
+    :param reactor: for the deadlines, and handed to the handler.
     """
 
     factory: FrontFactory
     transport: StreamTransport  # type: ignore[assignment]
     log = Logger()
 
-    def __init__(self, state: FrontState, clock: IReactorTime) -> None:
+    def __init__(self, state: FrontState, reactor: IReactorTime) -> None:
         """Serve one connection under ``state``."""
         self.state = state
-        self.clock = clock
-        self.record = ConnectionRecord(started=clock.seconds())
+        self.reactor = reactor
+        self.record = ConnectionRecord(started=reactor.seconds())
         self.info: ClientHelloInfo | None = None
         self._reader: HandshakeReader | None = HandshakeReader(
             HANDSHAKE_CLIENT_HELLO, max_bytes=state.settings.max_first_flight
         )
         self._timer: IDelayedCall | None = None
         self._held: list[bytes] = []
-        self._handler: Relay | LocalHandoff | None = None
+        #: Bytes held in all, taken or not: the bound is on the total.
+        self._held_bytes = 0
+        self._handler: Handler | None = None
         self._closed = False
         #: Idle sweep bookkeeping: bytes seen at the last sweep, and sweeps since.
         self.seen_activity = -1
@@ -245,12 +161,13 @@ class FrontProtocol(Protocol):
         return allowed
 
     def _hold(self, data: bytes) -> None:
-        """Keep bytes that arrive before the hand-off, within the flight bound."""
+        """Keep bytes that arrive before the handler reads, within the flight bound."""
         self._held.append(data)
-        if sum(map(len, self._held)) > self.state.settings.max_first_flight:
+        self._held_bytes += len(data)
+        if self._held_bytes > self.state.settings.max_first_flight:
             self.abort("client sent too much before the hand-off")
 
-    def take_held(self) -> bytes:
+    def _take_held(self) -> bytes:
         """Return and forget bytes received since the ClientHello completed."""
         held = b"".join(self._held)
         self._held.clear()
@@ -270,7 +187,7 @@ class FrontProtocol(Protocol):
             return
         self.record.route = route.name if isinstance(route, Backend | Local | Reject) else "?"
         if isinstance(route, Reject):
-            self.send_alert(route.alert, route.reason or "rejected by router")
+            self.refuse(route.alert, route.reason or "rejected by router")
             return
         if route not in self.state.targets:
             # Never an open proxy: a router may only return configured targets.
@@ -279,20 +196,32 @@ class FrontProtocol(Protocol):
             return
         info = self.info
         assert info is not None
+        client: ClientSide = self
+        handler: Handler
         if isinstance(route, Backend):
-            relay = Relay(self, info, route, self.clock)
-            self._handler = relay
-            relay.connect()
+            handler = Relay(
+                client,
+                info,
+                route,
+                self.reactor,
+                metrics=self.factory.metrics,
+                settings=self.state.settings,
+            )
         else:
-            handoff = LocalHandoff(self, info, route)
-            self._handler = handoff
-            handoff.start()
+            handler = LocalHandoff(client, info, route)
+        self._handler = handler
+        # Built once, here: bytes that came with the ClientHello, then any
+        # a transport ignoring the pause delivered while routing.
+        handler.start(info.rest + self._take_held())
 
-    # -- hooks for handlers --------------------------------------------------
+    # -- the ClientSide of the handlers (echfront.front.connection) ------------
 
-    def set_input(self, sink: Callable[[bytes], Any]) -> None:
-        """Send every later read from the client to ``sink``."""
+    def set_input(self, sink: Callable[[bytes], object]) -> None:
+        """Send every later read from the client to ``sink``, held reads first."""
         self.dataReceived = sink  # type: ignore[method-assign,assignment]
+        held = self._take_held()
+        if held:
+            sink(held)
 
     def handshake_done(self) -> None:
         """The inspected phase is over: stop the deadline, release the hellos.
@@ -311,10 +240,10 @@ class FrontProtocol(Protocol):
 
     def fail(self, error: AlertError) -> None:
         """Refuse the connection with the error's alert."""
-        self.send_alert(error.alert, str(error))
+        self.refuse(error.alert, str(error))
 
-    def send_alert(self, alert: AlertDescription, reason: str) -> None:
-        """Send a fatal alert and close (RFC 8446 §6.2)."""
+    def refuse(self, alert: AlertDescription, reason: str) -> None:
+        """Send a fatal alert and close (RFC 8446 §6.2); ``reason`` is logged."""
         if self._closed:
             return
         self.record.alert = alert
@@ -342,7 +271,7 @@ class FrontProtocol(Protocol):
 
     def _start_timer(self, seconds: float, reason: str) -> None:
         self._cancel_timer()
-        self._timer = self.clock.callLater(seconds, self._timed_out, reason)
+        self._timer = self.reactor.callLater(seconds, self._timed_out, reason)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -385,7 +314,8 @@ class FrontFactory(Factory):
     """Builds :class:`FrontProtocol` instances and keeps what they share.
 
     :ivar state: the state new connections get; assign to reload.
-    :ivar clock: the reactor (or a test clock) for every timer.
+    :ivar reactor: for every timer (a test passes a MemoryReactorClock), and
+        for backend connects.
     :ivar metrics: the front's metrics.
     :ivar limits: per-address first flights and HPKE buckets (survive reloads).
     :ivar connections: the open connections.
@@ -395,13 +325,13 @@ class FrontFactory(Factory):
     noisy = False
 
     def __init__(
-        self, state: FrontState, clock: IReactorTime, metrics: Metrics | None = None
+        self, state: FrontState, reactor: IReactorTime, metrics: Metrics | None = None
     ) -> None:
-        """Serve with ``state`` and ``clock``."""
+        """Serve with ``state`` on ``reactor``."""
         self.state = state
-        self.clock = clock
+        self.reactor = reactor
         self.metrics = metrics if metrics is not None else Metrics()
-        self.limits = AddressLimits(clock.seconds)
+        self.limits = AddressLimits(reactor.seconds)
         self.connections: set[FrontProtocol] = set()
         self._sweeper: IDelayedCall | None = None
 
@@ -421,7 +351,7 @@ class FrontFactory(Factory):
         if not self.limits.start_first_flight(key, settings.max_first_flights_per_address):
             self.metrics.limited.labels("first_flights_per_address").inc()
             return None
-        proto = FrontProtocol(self.state, self.clock)
+        proto = FrontProtocol(self.state, self.reactor)
         proto.factory = self
         proto.record.address = key
         self.connections.add(proto)
@@ -434,7 +364,7 @@ class FrontFactory(Factory):
         self.limits.end_first_flight(proto.record.address)
         proto.record.first_flight_bytes = size
         self.metrics.first_flight_bytes.observe(size)
-        self.metrics.first_flight_seconds.observe(self.clock.seconds() - proto.record.started)
+        self.metrics.first_flight_seconds.observe(self.reactor.seconds() - proto.record.started)
 
     def connection_closed(self, proto: FrontProtocol) -> None:
         """Called once per connection when it closes: account and log it."""
@@ -447,7 +377,7 @@ class FrontFactory(Factory):
         self.metrics.closed(proto.record)
         log_connection(
             proto.record,
-            self.clock.seconds(),
+            self.reactor.seconds(),
             log_server_names=proto.state.settings.log_server_names,
         )
 
@@ -456,7 +386,7 @@ class FrontFactory(Factory):
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:
             interval = self.state.settings.idle_timeout / 2 or 30.0
-            self._sweeper = self.clock.callLater(interval, self._sweep)
+            self._sweeper = self.reactor.callLater(interval, self._sweep)
 
     def _sweep(self) -> None:
         """Close handed-off connections with no traffic for two sweeps.

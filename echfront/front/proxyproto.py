@@ -23,7 +23,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from echfront.ech.decoder import ClientHelloInfo, ECHStatus
 
 if TYPE_CHECKING:
-    from echfront.front.protocol import StreamTransport
+    from echfront.front.connection import StreamTransport
 
 __all__ = [
     "PP2_TYPE_AUTHORITY",

@@ -1,11 +1,10 @@
 # -*- test-case-name: tests.test_relay -*-
 """Relaying a connection to its backend (RFC 9849 split mode).
 
-The relay connects to the backend through a Twisted client endpoint (so
-``tcp:``, ``unix:``, ``tls:`` or any endpoint plugin works), sends the
-rewritten first flight, then moves bytes both ways with producers
-registered in both directions (bounded memory against a slow peer) and
-half-close honoured in both directions.
+The relay connects to the backend (:mod:`echfront.front.backend`: any
+Twisted client endpoint), sends the rewritten first flight, then moves
+bytes both ways with producers registered in both directions (bounded
+memory against a slow peer) and half-close honoured in both directions.
 
 While ECH is accepted and the backend has not yet sent its ServerHello,
 the relay keeps watching (checklist §1.H):
@@ -31,24 +30,15 @@ moves bytes inside the kernel (``[relay] splice``, on by default).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import (
-    IConnector,
-    IHalfCloseableDescriptor,
-    IHalfCloseableProtocol,
-    IReactorTCP,
-)
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IReactorFDSet
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from echfront.errors import AlertDescription, AlertError
 from echfront.front import splice
+from echfront.front.backend import BackendProtocol, connect_backend, connect_failure
 from echfront.front.proxyproto import proxy_header
 from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO, HANDSHAKE_SERVER_HELLO, ServerHello
 from echfront.tls.records import (
@@ -60,10 +50,13 @@ from echfront.tls.records import (
 )
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IAddress, IReactorTime
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.python.failure import Failure
 
     from echfront.ech.decoder import ClientHelloInfo
-    from echfront.front.protocol import ConnectionRecord, FrontProtocol, StreamTransport
+    from echfront.front.connection import ClientSide, ConnectionRecord, StreamTransport
+    from echfront.front.metrics import Metrics
+    from echfront.front.state import FrontSettings
     from echfront.targets import Backend
 
 __all__ = ["Relay"]
@@ -83,80 +76,6 @@ _SPLICE_AFTER = 64 * 1024
 _BEFORE_SECOND_HELLO = frozenset(
     (CONTENT_CHANGE_CIPHER_SPEC, CONTENT_APPLICATION_DATA, CONTENT_ALERT)
 )
-
-
-@implementer(IHalfCloseableProtocol)
-class _BackendProtocol(Protocol):
-    """The backend side of a relay; its ``dataReceived`` is rebound by the relay."""
-
-    transport: StreamTransport  # type: ignore[assignment]
-
-    def __init__(self, relay: Relay, *, announce: bool = False) -> None:
-        self.relay = relay
-        self._announce = announce
-
-    def connectionMade(self) -> None:
-        """With a plain connector (no endpoint Deferred), tell the relay here."""
-        if self._announce:
-            self.relay.connected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        """Until connected to the relay's inspection, pass bytes to it."""
-        self.relay.from_backend(data)
-
-    def readConnectionLost(self) -> None:
-        """The backend sent FIN."""
-        self.relay.backend_eof()
-
-    def writeConnectionLost(self) -> None:
-        """Our FIN to the backend went out; nothing to do."""
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
-        """The backend connection is gone."""
-        self.relay.backend_lost(reason)
-
-
-class _BackendFactory(Factory):
-    noisy = False
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: IAddress) -> _BackendProtocol:  # type: ignore[override]
-        return _BackendProtocol(self.relay)
-
-
-class _DirectFactory(ClientFactory):
-    """For ``tcp:`` backends: ``reactor.connectTCP`` without endpoint layers.
-
-    The endpoint path costs a Deferred chain per connection and a wrapping
-    protocol that adds a Python call to every backend read; for the plain
-    TCP backends most deployments use, the connector does the same job.
-    """
-
-    noisy = False
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: IAddress) -> _BackendProtocol:  # type: ignore[override]
-        return _BackendProtocol(self.relay, announce=True)
-
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        self.relay.connect_failed(reason)
-
-
-def _timed_out(result: object, timeout: float) -> object:
-    """Report a connect the timeout cancelled as a timeout, whatever the endpoint said.
-
-    Endpoints fail a cancelled connect with their own errors (TCP endpoints
-    with ConnectingCancelledError, which Deferred.addTimeout's default does
-    not translate).  A connection that completed in the same instant is
-    dropped: the client has already been refused.
-    """
-    if isinstance(result, _BackendProtocol):
-        result.transport.abortConnection()
-    raise TimeoutError(timeout, "backend connect")
 
 
 def _nothing() -> None:
@@ -202,34 +121,57 @@ def _half_close(transport: StreamTransport) -> None:
 class Relay:
     """Moves one client connection's bytes to and from its backend.
 
-    :param front: the client's protocol; the relay rebinds its input.
+    It satisfies :class:`~echfront.front.connection.Handler`.
+
+    :param client: the client's connection; the relay rebinds its input.
     :param info: the decoded first ClientHello (what to forward, HPKE state).
     :param backend: the target.
-    :param clock: for the connect timeout.
+    :param reactor: for the connect and its timeout, and the splice timers;
+        ``tcp:`` backends connect with its ``connectTCP`` when it has one,
+        and splicing needs it to provide ``IReactorFDSet``.
+    :param metrics: where backend connects, failures and HelloRetryRequests
+        are counted.
+    :param settings: the connection's settings (``splice``, and
+        ``max_first_flight`` for a second ClientHello).
     """
 
     log = Logger()
 
     def __init__(
-        self, front: FrontProtocol, info: ClientHelloInfo, backend: Backend, clock: IReactorTime
+        self,
+        client: ClientSide,
+        info: ClientHelloInfo,
+        backend: Backend,
+        reactor: IReactorTime,
+        *,
+        metrics: Metrics,
+        settings: FrontSettings,
     ) -> None:
-        """Prepare; :meth:`connect` starts the work."""
-        self.front = front
+        """Prepare; :meth:`start` starts the work."""
+        self.client = client
         self.info: ClientHelloInfo | None = info
         #: Kept past the first flight only while a second ClientHello may come.
         self._second_decoder = info.second_hello
         self.backend = backend
-        self.clock = clock
+        self.reactor = reactor
+        self.metrics = metrics
+        self._max_second_hello = settings.max_first_flight
+        #: What the client sent past its ClientHello, until the backend is connected.
+        self._pending = b""
         self._cancel_connect: Callable[[], object] | None = None
         self._splice: splice.SpliceSession | None = None
         self._splice_attempts = 0
+        #: The reactor as splice sessions need it (one that watches descriptors).
+        self._fd_reactor: IReactorFDSet | None = (
+            reactor if IReactorFDSet.providedBy(reactor) else None
+        )
         #: Called after each relayed chunk (see _SPLICE_AFTER).
-        self._splicing = front.state.settings.splice and splice.AVAILABLE
+        self._splicing = settings.splice and splice.AVAILABLE and self._fd_reactor is not None
         self._watch: Callable[[], None] = self._watch_bulk if self._splicing else _nothing
         #: Total bytes relayed at which to splice; None: not (or no longer) watching.
         self._splice_at: int | None = None
         self._connect_started = 0.0
-        self._peer: _BackendProtocol | None = None
+        self._peer: BackendProtocol | None = None
         self._client_eof = False
         self._backend_eof = False
         self._done = False
@@ -240,22 +182,17 @@ class Relay:
 
     # -- connecting -------------------------------------------------------
 
-    def connect(self) -> None:
-        """Connect to the backend; the client stays paused until then."""
-        self._connect_started = self.clock.seconds()
-        address = self.backend.address
-        if address is not None and IReactorTCP.providedBy(self.clock):
-            connector = cast(IReactorTCP, self.clock).connectTCP(
-                address[0], address[1], _DirectFactory(self), timeout=self.backend.connect_timeout
-            )
-            self._cancel_connect = connector.stopConnecting
-            return
-        d: Deferred[_BackendProtocol] = self.backend.endpoint.connect(  # type: ignore[assignment]
-            _BackendFactory(self)
-        )
-        d.addTimeout(self.backend.connect_timeout, self.clock, onTimeoutCancel=_timed_out)
-        self._cancel_connect = d.cancel
-        d.addCallbacks(self.connected, self.connect_failed)
+    def start(self, pending: bytes) -> None:
+        """Connect to the backend; the client stays paused until then.
+
+        :param pending: what the client sent past its ClientHello, forwarded
+            after the first flight.
+        """
+        self._pending = pending
+        self._connect_started = self.reactor.seconds()
+        cancel = connect_backend(self.backend, self.reactor, self)
+        if self._peer is None and not self._done:  # an endpoint may have answered already
+            self._cancel_connect = cancel
 
     def connect_failed(self, failure: Failure) -> None:
         """The backend could not be reached: tell the client with an alert."""
@@ -264,39 +201,33 @@ class Relay:
             return
         if failure.check(CancelledError):
             return  # the client went away first
-        if failure.check(TimeoutError, ConnectTimeoutError):
-            kind, reason = "timeout", "backend connect timed out"
-        else:
-            kind = "refused" if failure.check(ConnectionRefusedError) else "error"
-            reason = f"backend connect failed: {failure.getErrorMessage()}"
-        if not failure.check(
-            ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError, ConnectTimeoutError
-        ):
+        kind, reason, expected = connect_failure(failure)
+        if not expected:
             self.log.failure("unexpected backend connect failure", failure)
-        self.front.factory.metrics.backend_failures.labels(self.backend.name, kind).inc()
+        self.metrics.backend_failures.labels(self.backend.name, kind).inc()
         self.log.info("{backend}: {reason}", backend=self.backend.name, reason=reason)
-        self.front.send_alert(AlertDescription.INTERNAL_ERROR, reason)
+        self.client.refuse(AlertDescription.INTERNAL_ERROR, reason)
 
-    def connected(self, peer: _BackendProtocol) -> None:
+    def connected(self, peer: BackendProtocol) -> None:
         """The backend connection is up: send the first flight and start relaying."""
         self._cancel_connect = None
         if self._done:
             peer.transport.abortConnection()
             return
         self._peer = peer
-        self.front.factory.metrics.connect_seconds.labels(self.backend.name).observe(
-            self.clock.seconds() - self._connect_started
+        self.metrics.connect_seconds.labels(self.backend.name).observe(
+            self.reactor.seconds() - self._connect_started
         )
-        client = self.front.transport
+        client = self.client.transport
         backend = peer.transport
         info = self.info
         assert info is not None
         self.info = None  # only the second-hello decoder is needed from here on
-        record = self.front.record
+        record = self.client.record
         if self.backend.proxy_protocol:
             backend.write(proxy_header(self.backend.proxy_protocol, client, info))
         backend.write(info.forward)
-        pending = info.rest + self.front.take_held()
+        pending, self._pending = self._pending, b""
         if info.second_hello is not None:
             # ECH accepted: a HelloRetryRequest would need the second
             # ClientHello rewritten, so inspect until the ServerHello.
@@ -304,9 +235,11 @@ class Relay:
             self._splitter = RecordSplitter()
             self._server_hello = HandshakeReader(HANDSHAKE_SERVER_HELLO, require_boundary=False)
             receive = _counted_from_client(record, self._client_before_server_hello)
-            self.front.set_input(receive)
             if pending:
                 receive(pending)
+            # After the pending bytes: set_input first passes on what the
+            # client sent while the backend was being connected.
+            self.client.set_input(receive)
         else:
             # No ECH to keep: the backend sees exactly what the client sends.
             if pending:
@@ -341,29 +274,29 @@ class Relay:
                     self._server_said(hello_retry=retry)
         # The state is updated before the bytes leave, so the client direction
         # is ready for a second ClientHello before the client can send one.
-        self.front.record.bytes_to_client += len(data)
-        self.front.transport.write(data)
+        self.client.record.bytes_to_client += len(data)
+        self.client.transport.write(data)
 
     def _server_said(self, *, hello_retry: bool) -> None:
         """The backend's first handshake message is known."""
         assert self._peer is not None
         self._server_hello = None
         self._peer.dataReceived = _counted_to_client(  # type: ignore[method-assign,assignment]
-            self.front.record, self.front.transport.write, self._watch
+            self.client.record, self.client.transport.write, self._watch
         )
         splitter = self._splitter
         self._splitter = None
         held = splitter.pending() if splitter is not None else b""
         if hello_retry:
-            self.front.record.hello_retry = True
-            self.front.factory.metrics.hello_retry_requests.inc()
+            self.client.record.hello_retry = True
+            self.metrics.hello_retry_requests.inc()
             self._second_hello = HandshakeReader(
                 HANDSHAKE_CLIENT_HELLO,
-                max_bytes=self.front.state.settings.max_first_flight,
+                max_bytes=self._max_second_hello,
                 pass_types=_BEFORE_SECOND_HELLO,
             )
-            self.front.set_input(
-                _counted_from_client(self.front.record, self._client_await_second_hello)
+            self.client.set_input(
+                _counted_from_client(self.client.record, self._client_await_second_hello)
             )
             if held:
                 self._client_await_second_hello(held)
@@ -378,7 +311,7 @@ class Relay:
         try:
             whole = self._splitter.feed(data)
         except AlertError as error:
-            self.front.fail(error)
+            self.client.refuse(error.alert, str(error))
             return
         if whole:
             self._peer.transport.write(whole)
@@ -398,7 +331,7 @@ class Relay:
                 return
             second = decoder.decode(flight)
         except AlertError as error:
-            self.front.fail(error)
+            self.client.refuse(error.alert, str(error))
             return
         self._second_hello = None
         self._peer.transport.write(second.forward + flight.rest)
@@ -410,9 +343,9 @@ class Relay:
         assert self._peer is not None
         self._inspecting = False
         self._second_decoder = None
-        record = self.front.record
-        self.front.set_input(_counted_from_client(record, self._peer.transport.write, self._watch))
-        self.front.handshake_done()
+        record = self.client.record
+        self.client.set_input(_counted_from_client(record, self._peer.transport.write, self._watch))
+        self.client.handshake_done()
         if self._splicing:
             self._splice_at = record.bytes_from_client + record.bytes_to_client + _SPLICE_AFTER
 
@@ -420,39 +353,42 @@ class Relay:
         """After a relayed chunk: start splicing once the connection carries bulk data."""
         at = self._splice_at
         if at is not None:
-            record = self.front.record
+            record = self.client.record
             if record.bytes_from_client + record.bytes_to_client >= at:
                 self._splice_at = None
                 # The bytes just written may still be in Twisted's buffers;
                 # splicing starts once they are out.
                 self._splice_attempts = 0
-                self.clock.callLater(0, self._try_splice)
+                self.reactor.callLater(0, self._try_splice)
 
     # -- zero copy ---------------------------------------------------------------
 
     def _try_splice(self) -> None:
         """Hand both sockets to a SpliceSession when it is safe to (see echfront.front.splice)."""
         peer = self._peer
+        fd_reactor = self._fd_reactor
         if self._done or self._client_eof or self._backend_eof or peer is None:
             return
-        client, backend = self.front.transport, peer.transport
+        if fd_reactor is None:  # _splicing is False without one; this narrows the type
+            return
+        client, backend = self.client.transport, peer.transport
         client_socket, backend_socket = splice.socket_of(client), splice.socket_of(backend)
         if client_socket is None or backend_socket is None:
             return  # TLS-wrapped or in-memory transports: the ordinary path it is
         if not (splice.write_buffer_empty(client) and splice.write_buffer_empty(backend)):
             self._splice_attempts += 1
             if self._splice_attempts <= _SPLICE_ATTEMPTS:
-                self.clock.callLater(0.002 * self._splice_attempts, self._try_splice)
+                self.reactor.callLater(0.002 * self._splice_attempts, self._try_splice)
             return
         session = splice.SpliceSession(
-            self.clock, client_socket, backend_socket, self.front.record, self._spliced
+            fd_reactor, client_socket, backend_socket, self.client.record, self._spliced
         )
         for transport in (client, backend):
             transport.unregisterProducer()
             getattr(transport, "stopReading")()  # noqa: B009 (not in the typing protocol)
             getattr(transport, "stopWriting")()  # noqa: B009
         self._splice = session
-        self.front.record.zero_copy = True
+        self.client.record.zero_copy = True
         session.start()
 
     def _spliced(self, error: BaseException | None) -> None:
@@ -462,18 +398,19 @@ class Relay:
         assert peer is not None
         if error is None:
             # Both directions ended and each FIN was passed on already.
-            self.front.record.close_reason = self.front.record.close_reason or "both sides closed"
-            self.front.transport.loseConnection()
+            record = self.client.record
+            record.close_reason = record.close_reason or "both sides closed"
+            self.client.transport.loseConnection()
             peer.transport.loseConnection()
         else:
-            self.front.record.close_reason = f"relay error: {error}"
-            self.front.transport.abortConnection()
+            self.client.record.close_reason = f"relay error: {error}"
+            self.client.transport.abortConnection()
             peer.transport.abortConnection()
 
     def _fast_path_both(self) -> None:
         assert self._peer is not None
         self._peer.dataReceived = _counted_to_client(  # type: ignore[method-assign,assignment]
-            self.front.record, self.front.transport.write, self._watch
+            self.client.record, self.client.transport.write, self._watch
         )
         self._fast_path_client()
 
@@ -501,14 +438,14 @@ class Relay:
     def backend_eof(self) -> None:
         """The backend sent FIN: pass it on."""
         self._backend_eof = True
-        _half_close(self.front.transport)
+        _half_close(self.client.transport)
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
         # Twisted never closes a half-closeable connection by itself once
         # both directions have ended; do it here.
         if self._client_eof and self._backend_eof:
-            self.front.transport.loseConnection()
+            self.client.transport.loseConnection()
             if self._peer is not None:
                 self._peer.transport.loseConnection()
 
@@ -524,16 +461,17 @@ class Relay:
         if self._done:
             return
         self._done = True
-        if self.front.record.bytes_to_client == 0 and not self._backend_eof:
-            self.front.factory.metrics.backend_failures.labels(self.backend.name, "closed").inc()
-            self.front.send_alert(
+        record = self.client.record
+        if record.bytes_to_client == 0 and not self._backend_eof:
+            self.metrics.backend_failures.labels(self.backend.name, "closed").inc()
+            self.client.refuse(
                 AlertDescription.INTERNAL_ERROR,
                 f"backend closed before answering: {reason.getErrorMessage()}",
             )
             return
-        if self.front.record.close_reason == "":
-            self.front.record.close_reason = "backend closed"
-        self.front.transport.loseConnection()
+        if record.close_reason == "":
+            record.close_reason = "backend closed"
+        self.client.transport.loseConnection()
 
     def _stop_splice(self) -> None:
         if self._splice is not None:

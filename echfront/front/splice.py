@@ -35,12 +35,14 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IReactorTime, IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from echfront.front.protocol import ConnectionRecord
+    from twisted.internet.interfaces import IDelayedCall, IReactorFDSet
+
+    from echfront.front.connection import ConnectionRecord
 
 __all__ = [
     "AVAILABLE",
@@ -259,9 +261,14 @@ class SpliceEngine:
     of the CPU a spliced relay used.
     """
 
-    def __init__(self, reactor: Any) -> None:
-        """Create the epoll instance; the reactor watches it while it watches sockets."""
+    def __init__(self, reactor: IReactorFDSet) -> None:
+        """Create the epoll instance; the reactor watches it while it watches sockets.
+
+        :param reactor: watches the epoll descriptor; it must also provide
+            ``IReactorTime`` (every Twisted reactor does), for moderation.
+        """
         self.reactor = reactor
+        self._time = IReactorTime(reactor)
         self.epoll = select.epoll()
         self._ends: dict[int, _End] = {}
         self._masks: dict[int, int] = {}
@@ -269,7 +276,7 @@ class SpliceEngine:
         #: Bytes moved in the current wake-up (see _BULK_BYTES).
         self.moved = 0
         self._watched = False
-        self._moderating: Any = None  # the DelayedCall that resumes watching
+        self._moderating: IDelayedCall | None = None  # resumes watching
         #: How many times bulk traffic paused the engine (tests read it).
         self.moderations = 0
 
@@ -345,7 +352,7 @@ class SpliceEngine:
         if self.moved >= _BULK_BYTES and self._ends:
             self._unwatch()
             self.moderations += 1
-            self._moderating = self.reactor.callLater(_MODERATION, self._resume)
+            self._moderating = self._time.callLater(_MODERATION, self._resume)
 
     def _serve(self) -> None:
         for fd, events in self.epoll.poll(0, 256):
@@ -371,7 +378,7 @@ _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR if AVAILABLE e
 _engines: dict[int, SpliceEngine] = {}
 
 
-def engine_for(reactor: Any) -> SpliceEngine:
+def engine_for(reactor: IReactorFDSet) -> SpliceEngine:
     """The reactor's splice engine, created on first use."""
     engine = _engines.get(id(reactor))
     if engine is None or engine.reactor is not reactor:
@@ -382,7 +389,7 @@ def engine_for(reactor: Any) -> SpliceEngine:
 class SpliceSession:
     """Relays two sockets with splice(2) until both directions have ended.
 
-    :param reactor: a reactor providing IReactorFDSet (its engine is shared).
+    :param reactor: the reactor (its engine is shared), watching descriptors.
     :param client: the client socket; ``backend``: the backend socket.
     :param record: where to count bytes.
     :param finished: called once with None (both directions ended) or the
@@ -391,7 +398,7 @@ class SpliceSession:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFDSet,
         client: socket.socket,
         backend: socket.socket,
         record: ConnectionRecord,
