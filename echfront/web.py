@@ -21,7 +21,8 @@ from twisted.web.server import Request, Site
 
 from echfront._version import __version__
 from echfront.dns.svcb import origin_svcb_document
-from echfront.ech.decoder import ECHStatus
+from echfront.ech.decoder import ClientHelloInfo, ECHStatus
+from echfront.errors import AlertError
 from echfront.front.local import hello_info_for
 
 if TYPE_CHECKING:
@@ -35,6 +36,19 @@ _STATUS_TEXT = {
     ECHStatus.REJECTED: "offered but not decrypted (GREASE, or an outdated ECHConfig)",
     ECHStatus.NOT_OFFERED: "not offered by your client",
 }
+#: The page's headline and its colour, per ECH outcome.
+_HEADLINE = {
+    ECHStatus.ACCEPTED: ("ECH accepted", "#0a6b2d"),
+    ECHStatus.REJECTED: ("ECH not accepted", "#8a4b00"),
+    ECHStatus.NOT_OFFERED: ("ECH not used", "#444"),
+}
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:60em}"
+    "h1{margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .3em}"
+    "th{text-align:left;padding:.15em 1.2em .15em 0;font-weight:600;white-space:nowrap;"
+    "min-width:14em}"
+    "td{font-family:monospace,monospace}"
+)
 
 
 class OriginSVCBResource(Resource):
@@ -71,31 +85,64 @@ class StatusResource(Resource):
         self._public_name = public_name
 
     def render_GET(self, request: Request) -> bytes:
-        """Render the page (HTML, no scripts, no external resources)."""
+        """Render the page (HTML and a style sheet; no scripts, no external resources).
+
+        The connection table says what the front saw (RFC 9849 §5, §7.1):
+        the name sent in the clear in the ClientHelloOuter, and, when ECH
+        was accepted, the name decrypted from the ClientHelloInner, the
+        config_id the client chose and that config's KEM.
+        """
         info = hello_info_for(request.channel.transport)
-        rows = [("front", f"echfront {__version__} for {self._public_name}")]
+        connection = [("front", f"echfront {__version__} for {self._public_name}")]
+        headline, colour = "echfront", "#000"
         if info is not None:
-            rows.append(("ECH", _STATUS_TEXT[info.status]))
-            rows.append(("server name", info.server_name or "(none)"))
+            headline, colour = _HEADLINE[info.status]
+            connection += _connection_rows(info)
         keys = self._keys()
-        for key in keys.keys:
-            role = "published" if key.published else "decrypt-only"
-            rows.append(
-                (
-                    f"config_id {key.config_id}",
-                    f"{key.config.public_name}, {key.config.kem_name}, {role}",
-                )
+        configs = [
+            (
+                f"config_id {key.config_id}",
+                f"{key.config.public_name}, {key.config.kem_name}, "
+                + ("published" if key.published else "decrypt-only"),
             )
-        body = "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
-        )
+            for key in keys.keys
+        ]
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         return (
-            "<!doctype html><meta charset=utf-8><title>echfront</title>"
-            f"<h1>echfront</h1><table>{body}</table>"
-            '<p><a href="/.well-known/origin-svcb">/.well-known/origin-svcb</a></p>\n'
+            "<!doctype html><meta charset=utf-8>"
+            f"<title>echfront: {html.escape(headline)}</title><style>{_STYLE}</style>"
+            f'<h1 style="color:{colour}">{html.escape(headline)}</h1>'
+            "<h2>What the front saw of this connection</h2>"
+            f"{_table(connection)}"
+            + (f"<h2>ECH configs in service</h2>{_table(configs)}" if configs else "")
+            + '<p><a href="/.well-known/origin-svcb">/.well-known/origin-svcb</a></p>\n'
         ).encode()
+
+
+def _connection_rows(info: ClientHelloInfo) -> list[tuple[str, str]]:
+    """The ECH outcome and names of one connection, as table rows."""
+    rows = [("ECH", _STATUS_TEXT[info.status]), ("server name", info.server_name or "(none)")]
+    if info.status is ECHStatus.NOT_OFFERED:
+        return rows
+    try:
+        outer = info.outer.server_name() or "(none)"
+    except AlertError:  # the decoder read it already; a malformed one never routes here
+        outer = "(unreadable)"
+    rows.append(("outer name (in the clear)", outer))
+    if info.status is ECHStatus.ACCEPTED:
+        rows.append(("inner name (encrypted)", info.server_name or "(none)"))
+    if info.config_id is not None:
+        rows.append(("config_id used", str(info.config_id)))
+    if info.key is not None:
+        config = info.key.config
+        rows.append(("KEM", f"{config.kem_name} (0x{config.kem_id:04x})"))
+    return rows
+
+
+def _table(rows: Sequence[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
 
 
 class QuietSite(Site):

@@ -109,27 +109,39 @@ def hello_for(monkeypatch: pytest.MonkeyPatch) -> dict[object, ClientHelloInfo]:
 
 
 @pytest.mark.parametrize(
-    ("records", "status_text", "name"),
+    ("records", "status_text", "name", "seen"),
     [
         (
             seal_hello(KEY.config).records,
             "accepted: this page was requested inside an encrypted ClientHello",
             "secret.example.org",
+            [
+                ("outer name (in the clear)", PUBLIC_NAME),
+                ("inner name (encrypted)", "secret.example.org"),
+                ("config_id used", "66"),
+                ("KEM", "DHKEM(X25519) (0x0020)"),
+            ],
         ),
         (
             seal_hello(KEY.config, ech_extension=grease_extension()).records,
             "offered but not decrypted (GREASE, or an outdated ECHConfig)",
             PUBLIC_NAME,
+            [("outer name (in the clear)", PUBLIC_NAME), ("config_id used", "167")],
         ),
         (
             None,
             "not offered by your client",
             "plain.example",
+            [],
         ),
     ],
 )
 def test_status_page_shows_the_connections_ech_outcome(
-    hello_for: dict[object, ClientHelloInfo], records: bytes | None, status_text: str, name: str
+    hello_for: dict[object, ClientHelloInfo],
+    records: bytes | None,
+    status_text: str,
+    name: str,
+    seen: list[tuple[str, str]],
 ) -> None:
     transport = Opaque()
     hello_for[transport] = decoded(records if records is not None else plain_hello())
@@ -139,6 +151,7 @@ def test_status_page_shows_the_connections_ech_outcome(
         ("front", f"echfront {__version__} for {PUBLIC_NAME}"),
         ("ECH", status_text),
         ("server name", name),
+        *seen,
         ("config_id 66", f"{PUBLIC_NAME}, DHKEM(X25519), published"),
         ("config_id 65", f"{PUBLIC_NAME}, DHKEM(X25519), decrypt-only"),
     ]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from echfront._version import __version__
+from echfront.app.trybrowser import add_try_parser, run_try
 from echfront.cli.check import add_check_parser, run_check
 from echfront.dns.svcb import https_record
 from echfront.ech.echconfig import (
@@ -140,6 +141,7 @@ def _parser() -> _Parser:
     inspect.add_argument("source", help="file path, '-', or base64/hex text")
     _add_keys_parser(commands)
     add_check_parser(commands)
+    add_try_parser(commands)
     return parser
 
 
@@ -389,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         # Its own exit status: 1 when a finding is an error (see echfront.cli.check).
         return run_check(args)
+    if args.command == "try":
+        return run_try(args)  # runs the reactor; its own exit status (echfront.app.trybrowser)
     handlers = {"keygen": _keygen, "dns": _dns, "inspect": _inspect, "keys": _keys}
     try:
         handlers[args.command](args)
