@@ -42,13 +42,12 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from echfront.config.build import build_publisher
+from echfront.config.schema import parse_publish
 from echfront.dns.command import CommandPublisher
 from echfront.dns.doh import DoHClient
-from echfront.dns.publish import PUBLISH_KEYS, publisher_from_config
-from echfront.dns.rfc2136 import RFC2136Publisher, TSIGKey, parse_tsig_secret_file
+from echfront.dns.rfc2136 import RFC2136Publisher, parse_tsig_secret_file
 from echfront.dns.verify import DNSServer, PublishError, Verifier, check_config_list
-from echfront.errors import ConfigError
-from echfront.interfaces import IPublisher
 from tests.knotd import KNOTD_MISSING, KnotServer, default_records, sample_config_list
 
 reactor: Any = _reactor
@@ -172,122 +171,6 @@ def test_config_list_framing() -> None:
         check_config_list(bytes(bad))
     two = NEW[2:] + OTHER[2:]
     check_config_list(len(two).to_bytes(2, "big") + two)
-
-
-# -- publisher_from_config ----------------------------------------------------
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "update.key"
-    path.write_text(f"hmac-sha256:update.example.:{SECRET_B64}\n")
-    return path
-
-
-def from_config(table: dict[str, Any], base: Path, names: tuple[str, ...] = (SECRET,)) -> Any:
-    return publisher_from_config(table, base=base, names=names, reactor=reactor)
-
-
-def test_config_rfc2136(tmp_path: Path, key_file: Path) -> None:
-    table = {
-        "method": "rfc2136",
-        "server": "[::1]:5300",
-        "tsig_secret_file": key_file.name,  # relative to base
-        "ttl": 60,
-        "timeout": 1.5,
-        "doh": "https://resolver.example/dns-query{?dns}",
-    }
-    publisher = from_config(table, tmp_path)
-    assert isinstance(publisher, RFC2136Publisher)
-    assert IPublisher.providedBy(publisher)
-    assert publisher.server == DNSServer("::1", 5300)
-    assert publisher.key == TSIGKey("update.example.", b"k" * 32, "hmac-sha256")
-    assert (publisher.ttl, publisher.timeout, publisher.zone) == (60, 1.5, None)
-    assert publisher.verifier.servers == (DNSServer("::1", 5300),)
-    assert publisher.verifier.doh == "https://resolver.example/dns-query"
-
-
-def test_config_command_and_none(tmp_path: Path) -> None:
-    table = {
-        "method": "command",
-        "command": [sys.executable, "-c", "pass", "{config_list}"],
-        "verify_servers": ["127.0.0.1", "127.0.0.2:5353"],
-    }
-    publisher = from_config(table, tmp_path)
-    assert isinstance(publisher, CommandPublisher)
-    assert IPublisher.providedBy(publisher)
-    assert publisher.verifier.servers == (DNSServer("127.0.0.1"), DNSServer("127.0.0.2", 5353))
-    assert from_config({}, tmp_path) is None
-    # "none" ignores the other (known) keys, so publication can be paused.
-    assert from_config({"method": "none", "server": "bad"}, tmp_path) is None
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"colour": "blue"}, "publish.colour: unknown key"),
-        ({"method": "nsupdate"}, "publish.method: expected"),
-        ({"method": None}, "publish.method: required"),
-        ({"server": None}, "publish.server: required"),
-        ({"server": "ns.example"}, "publish.server: 'ns.example' is not an IP address"),
-        ({"server": 53}, "publish.server: expected a non-empty string"),
-        ({"tsig_secret_file": None}, "publish.tsig_secret_file: required"),
-        ({"tsig_secret_file": "missing.key"}, r"publish.tsig_secret_file: cannot read \("),
-        ({"tsig_algorithm": "hmac-md5"}, "publish.tsig_algorithm: 'hmac-md5' is not one of"),
-        ({"tsig_algorithm": "hmac-sha512"}, "publish.tsig_algorithm: .* says the key is"),
-        ({"tsig_key_name": "other.example."}, "publish.tsig_key_name: other.example. is not in"),
-        ({"ttl": True}, "publish.ttl: expected a whole number"),
-        ({"ttl": -1}, "publish.ttl: expected a whole number"),
-        ({"timeout": 0}, "publish.timeout: must be more than 0"),
-        ({"timeout": "5"}, "publish.timeout: expected a number"),
-        ({"verify_servers": "127.0.0.1"}, "publish.verify_servers: expected a non-empty list"),
-        ({"verify_servers": ["127.0.0.1", ""]}, "publish.verify_servers: expected a list of"),
-        ({"verify_servers": ["localhost"]}, "publish.verify_servers: 'localhost' is not"),
-        ({"doh": "http://resolver.example/dns-query"}, "publish.doh: plain http://"),
-        ({"doh": "ftp://resolver.example/"}, "publish.doh: 'ftp://resolver.example/' is not"),
-        ({"zone": "other.example."}, "publish.zone: secret.example. is not in zone"),
-        ({"command": ["true"]}, 'publish.command: only used with method = "command"'),
-    ],
-)
-def test_config_errors(
-    tmp_path: Path, key_file: Path, change: dict[str, Any], message: str
-) -> None:
-    table: dict[str, Any] = {
-        "method": "rfc2136",
-        "server": "127.0.0.1:5300",
-        "tsig_secret_file": str(key_file),
-    }
-    table.update(change)
-    table = {k: v for k, v in table.items() if v is not None}
-    with pytest.raises(ConfigError, match=message) as caught:
-        from_config(table, tmp_path)
-    assert "\n" not in str(caught.value)
-
-
-def test_config_errors_command_and_keys(tmp_path: Path, key_file: Path) -> None:
-    with pytest.raises(ConfigError, match=r"publish.command: required"):
-        from_config({"method": "command", "verify_servers": ["127.0.0.1"]}, tmp_path)
-    with pytest.raises(ConfigError, match=r"publish.verify_servers: required"):
-        from_config({"method": "command", "command": ["true"]}, tmp_path)
-    with pytest.raises(ConfigError, match=r"publish.command: .*no-such-hook: program not found"):
-        from_config(
-            {"method": "command", "command": ["./no-such-hook"], "verify_servers": ["::1"]},
-            tmp_path,
-        )
-    with pytest.raises(ConfigError, match=r'publish.server: only used with method = "rfc2136"'):
-        from_config(
-            {"method": "command", "command": ["true"], "server": "::1", "verify_servers": ["::1"]},
-            tmp_path,
-        )
-    with pytest.raises(ConfigError, match="publish: no names"):
-        from_config({"method": "command", "command": ["true"]}, tmp_path, names=())
-    bare = tmp_path / "bare.key"
-    bare.write_text(SECRET_B64)
-    table = {"method": "rfc2136", "server": "127.0.0.1", "tsig_secret_file": str(bare)}
-    with pytest.raises(ConfigError, match=r"publish.tsig_key_name: required"):
-        from_config(table, tmp_path)
-    assert from_config({**table, "tsig_key_name": "k."}, tmp_path).key.name == "k."
-    assert set(PUBLISH_KEYS) >= {"method", "server", "doh", "command", "verify_servers"}
 
 
 # -- the DoH client, against canned answers -----------------------------------
@@ -434,12 +317,10 @@ class KnotTestCase(TestCase):
 
     def publisher(self, names: tuple[str, ...] = (SECRET,), **table: Any) -> RFC2136Publisher:
         """An RFC 2136 publisher for this knotd, built from a [publish] table."""
-        publisher = publisher_from_config(
-            self.knot.publish_table(**table),
-            base=self.knot.directory,
-            names=names,
-            reactor=reactor,
+        publish = parse_publish(
+            {**self.knot.publish_table(**table), "names": list(names)}, base=self.knot.directory
         )
+        publisher = build_publisher(publish, reactor=reactor)
         return as_rfc2136(publisher)
 
     def serial(self) -> int:
@@ -824,17 +705,14 @@ class CommandTests(KnotTestCase):
         return path
 
     def command_publisher(self, argv: list[str], timeout: float = 5) -> CommandPublisher:
-        publisher = publisher_from_config(
-            {
-                "method": "command",
-                "command": argv,
-                "verify_servers": [self.knot.server],
-                "timeout": timeout,
-            },
-            base=self.knot.directory,
-            names=[SECRET],
-            reactor=reactor,
-        )
+        table = {
+            "method": "command",
+            "command": argv,
+            "verify_servers": [self.knot.server],
+            "timeout": timeout,
+            "names": [SECRET],
+        }
+        publisher = build_publisher(parse_publish(table, base=self.knot.directory), reactor=reactor)
         return as_command(publisher)
 
     def test_a_hook_that_succeeds(self) -> Deferred[None]:
