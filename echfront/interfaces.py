@@ -81,7 +81,7 @@ class IPublisher(Interface):
         §4), which becomes the ``ech`` SvcParam (RFC 9848 §3, key 5) of the
         records, keeping every other SvcParam, priority, target and TTL of
         each existing record.  Fails with
-        :class:`~echfront.dns.publish.PublishError`.
+        :class:`~echfront.dns.verify.PublishError`.
         """
 
     def verify(config_list: bytes) -> Deferred[bool]:
@@ -89,7 +89,7 @@ class IPublisher(Interface):
 
         The records are queried from the authoritative server(s), and from
         the DoH resolver when one is configured.  False when answers came
-        back without it; fails with :class:`~echfront.dns.publish.PublishError`
+        back without it; fails with :class:`~echfront.dns.verify.PublishError`
         when a source could not be asked.
         """
 

@@ -5,9 +5,8 @@ the verifier that asks every authoritative server, and the values the
 publishers share (:mod:`~echfront.dns.verify`); the one DNS-over-HTTPS
 client (:mod:`~echfront.dns.doh`); the RFC 2136 publisher
 (:mod:`~echfront.dns.rfc2136`) and the command publisher
-(:mod:`~echfront.dns.command`); building either from ``[publish]``
-(:mod:`~echfront.dns.publish`, until the configuration parses it).  The
-DoH responder of ``echfront try`` (:mod:`~echfront.dns.dohserver`).
+(:mod:`~echfront.dns.command`), which :mod:`echfront.config.build` builds
+from ``[publish]``.  The DoH responder of ``echfront try`` (:mod:`~echfront.dns.dohserver`).
 
 May import: :mod:`echfront.ech`, :mod:`echfront.errors`,
 :mod:`echfront.interfaces`, dnspython and Twisted.
