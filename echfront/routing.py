@@ -10,17 +10,20 @@ stands for exactly one label), then the ALPN list, and applies
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from zope.interface import implementer
 
+# The module, not its names: echfront.routing.Backend and friends must reach
+# the deprecation shim at the bottom instead of being attributes here.
+from echfront import targets as _targets
+from echfront._moved import moved_names
 from echfront.ech.decoder import ClientHelloInfo, ECHStatus
 from echfront.errors import ConfigError
 from echfront.interfaces import IRouter
-from echfront.targets import ECH_REQUIRED_REFUSAL, UNRECOGNIZED, Backend, Local, Route
+from echfront.targets import ECH_REQUIRED_REFUSAL, UNRECOGNIZED
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
@@ -57,7 +60,7 @@ class Rule:
     """
 
     pattern: str
-    target: Route
+    target: _targets.Route
     alpn: frozenset[bytes] | None = None
     require_ech: bool = False
 
@@ -86,8 +89,8 @@ class StaticRouter:
     """
 
     rules: tuple[Rule, ...]
-    default: Route = UNRECOGNIZED
-    rejected: Route | None = None
+    default: _targets.Route = UNRECOGNIZED
+    rejected: _targets.Route | None = None
     public_names: frozenset[str] = frozenset()
     _by_pattern: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
 
@@ -99,7 +102,9 @@ class StaticRouter:
         object.__setattr__(self, "_by_pattern", {k: tuple(v) for k, v in by_pattern.items()})
 
     @classmethod
-    def from_rules(cls, rules: Iterable[Rule], default: Route = UNRECOGNIZED) -> StaticRouter:
+    def from_rules(
+        cls, rules: Iterable[Rule], default: _targets.Route = UNRECOGNIZED
+    ) -> StaticRouter:
         """Build a router from any iterable of rules."""
         return cls(tuple(rules), default)
 
@@ -121,7 +126,7 @@ class StaticRouter:
                     return rule
         return None
 
-    def route(self, hello: ClientHelloInfo, peer: IAddress) -> Route:
+    def route(self, hello: ClientHelloInfo, peer: IAddress) -> _targets.Route:
         """Route by the effective server name and ALPN (IRouter)."""
         if (
             self.rejected is not None
@@ -139,28 +144,15 @@ class StaticRouter:
         return rule.target
 
     @property
-    def targets(self) -> frozenset[Backend | Local]:
+    def targets(self) -> frozenset[_targets.Backend | _targets.Local]:
         """Every connectable target this table can return."""
         found = {r.target for r in self.rules} | {self.default}
         if self.rejected is not None:
             found.add(self.rejected)
-        return frozenset(t for t in found if isinstance(t, Backend | Local))
+        return frozenset(t for t in found if isinstance(t, _targets.Backend | _targets.Local))
 
 
-#: Names this module used to define; they moved to :mod:`echfront.targets`.
-_MOVED_TO_TARGETS = frozenset({"Backend", "Local", "Reject", "Route"})
-
-
-def __getattr__(name: str) -> Any:
-    """Keep ``echfront.targets.Backend`` (and friends) working, with a warning."""
-    if name in _MOVED_TO_TARGETS:
-        warnings.warn(
-            f"echfront.routing.{name} moved to echfront.targets.{name} "
-            f"(also importable as echfront.{name})",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        import echfront.targets  # noqa: PLC0415
-
-        return getattr(echfront.targets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: ``echfront.routing.Backend`` and friends, from before :mod:`echfront.targets`.
+__getattr__ = moved_names(
+    __name__, dict.fromkeys(("Backend", "Local", "Reject", "Route"), "echfront.targets")
+)

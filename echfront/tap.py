@@ -15,7 +15,6 @@ service is :mod:`echfront.app.service`.
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.python import usage
 
+from echfront._moved import moved_names
 from echfront.app import service as app_service
 from echfront.app.demo import default_state_dir, demo_config
 from echfront.app.workers import worker_index
@@ -220,17 +220,7 @@ def makeService(options: Options, reactor: Any = None) -> Service:
     return service
 
 
-#: Names this module used to define; they moved to :mod:`echfront.app.service`.
-_MOVED_TO_SERVICE = frozenset({"FrontService", "metrics_service"})
-
-
-def __getattr__(name: str) -> Any:
-    """Keep ``echfront.tap.FrontService`` (and ``metrics_service``) working, with a warning."""
-    if name in _MOVED_TO_SERVICE:
-        warnings.warn(
-            f"echfront.tap.{name} moved to echfront.app.service.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(app_service, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: ``echfront.tap.FrontService`` and ``metrics_service``, from before :mod:`echfront.app`.
+__getattr__ = moved_names(
+    __name__, dict.fromkeys(("FrontService", "metrics_service"), "echfront.app.service")
+)

@@ -89,3 +89,25 @@ def test_default_target_and_targets() -> None:
 def test_bad_patterns(bad: str) -> None:
     with pytest.raises(ConfigError):
         validate_pattern(bad)
+
+
+@pytest.mark.parametrize("name", ["Backend", "Local", "Reject", "Route"])
+def test_targets_moved_from_routing_still_resolve_with_a_warning(name: str) -> None:
+    import echfront  # noqa: PLC0415
+    import echfront.routing  # noqa: PLC0415
+    import echfront.targets  # noqa: PLC0415
+
+    with pytest.warns(DeprecationWarning, match=rf"echfront\.routing\.{name} moved to"):
+        value = getattr(echfront.routing, name)
+    assert value is getattr(echfront.targets, name) is getattr(echfront, name)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        echfront.routing.Nothing  # noqa: B018
+
+
+def test_public_api_is_importable_from_the_package() -> None:
+    import echfront  # noqa: PLC0415
+
+    for name in echfront.__all__:
+        assert getattr(echfront, name) is not None, name
+    with pytest.raises(AttributeError):
+        echfront.NoSuchName  # noqa: B018

@@ -16,8 +16,7 @@ here, with a :class:`DeprecationWarning` naming their new home.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
+from echfront._moved import moved_names
 
 #: Names the old ``echfront.config`` module defined -> the module defining them now.
 _MOVED = {
@@ -40,24 +39,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Keep ``echfront.config.Config`` and the old module's other names working, with a warning."""
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"echfront.config.{name} moved to {module}.{name}", DeprecationWarning, stacklevel=2
-    )
-    # Imported here, and by name, so the layering test sees these arrows.
-    import echfront.config.build  # noqa: PLC0415
-    import echfront.config.endpoints  # noqa: PLC0415
-    import echfront.config.schema  # noqa: PLC0415
-    import echfront.interfaces  # noqa: PLC0415
-
-    homes = {
-        "echfront.config.schema": echfront.config.schema,
-        "echfront.config.build": echfront.config.build,
-        "echfront.config.endpoints": echfront.config.endpoints,
-        "echfront.interfaces": echfront.interfaces,
-    }
-    return getattr(homes[module], name)
+__getattr__ = moved_names(__name__, _MOVED)

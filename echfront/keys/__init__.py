@@ -13,8 +13,7 @@ here, with a :class:`DeprecationWarning` naming their new home.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
+from echfront._moved import moved_names
 
 #: Names the old ``echfront.keys`` module defined -> the module defining them now.
 _MOVED = {
@@ -30,17 +29,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Keep ``echfront.keys.KeySet`` (and the old module's other names) working, with a warning."""
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"echfront.keys.{name} moved to {module}.{name}", DeprecationWarning, stacklevel=2
-    )
-    # Imported here, and by name, so the layering test sees these arrows.
-    import echfront.ech.keyset  # noqa: PLC0415
-    import echfront.keys.keyfile  # noqa: PLC0415
-
-    home = echfront.ech.keyset if module == "echfront.ech.keyset" else echfront.keys.keyfile
-    return getattr(home, name)
+__getattr__ = moved_names(__name__, _MOVED)
