@@ -421,7 +421,15 @@ class Relay:
         return self._peer is None or self._inspecting
 
     def client_eof(self) -> None:
-        """The client sent FIN: pass it on, keep the other direction open."""
+        """The client sent FIN: pass it on, keep the other direction open.
+
+        Once the relay is done (the backend failed and the client is being
+        told, or either side is gone) this is a no-op: the client's FIN and
+        a backend reset can arrive in the same reactor turn, and the
+        backend's transport is closed by then.
+        """
+        if self._done or self._client_eof:
+            return
         self._client_eof = True
         if self._peer is not None:
             self._forward_client_eof()
@@ -436,7 +444,17 @@ class Relay:
         _half_close(self._peer.transport)
 
     def backend_eof(self) -> None:
-        """The backend sent FIN: pass it on."""
+        """The backend sent FIN: pass it on.
+
+        A FIN before the backend's first byte is a failure like a reset: the
+        client gets internal_error (see :meth:`backend_lost`), not a bare
+        close.  A no-op once the relay is done (see :meth:`client_eof`).
+        """
+        if self._done or self._backend_eof:
+            return
+        if self.client.record.bytes_to_client == 0:
+            self._backend_failed("backend closed before answering")
+            return
         self._backend_eof = True
         _half_close(self.client.transport)
         self._maybe_finish()
@@ -445,6 +463,7 @@ class Relay:
         # Twisted never closes a half-closeable connection by itself once
         # both directions have ended; do it here.
         if self._client_eof and self._backend_eof:
+            self._done = True
             self.client.transport.loseConnection()
             if self._peer is not None:
                 self._peer.transport.loseConnection()
@@ -460,18 +479,26 @@ class Relay:
         self._stop_splice()
         if self._done:
             return
-        self._done = True
         record = self.client.record
-        if record.bytes_to_client == 0 and not self._backend_eof:
-            self.metrics.backend_failures.labels(self.backend.name, "closed").inc()
-            self.client.refuse(
-                AlertDescription.INTERNAL_ERROR,
-                f"backend closed before answering: {reason.getErrorMessage()}",
-            )
+        if record.bytes_to_client == 0:
+            self._backend_failed(f"backend closed before answering: {reason.getErrorMessage()}")
             return
+        self._done = True
         if record.close_reason == "":
             record.close_reason = "backend closed"
         self.client.transport.loseConnection()
+
+    def _backend_failed(self, reason: str) -> None:
+        """The backend ended before its first byte: internal_error to the client.
+
+        Nothing reached the client yet, so the alert starts a record of its
+        own (RFC 8446 §6.2).  The relay is done from here: the client's
+        refusal aborts the backend side, and whatever either side reports
+        afterwards is ignored.
+        """
+        self._done = True
+        self.metrics.backend_failures.labels(self.backend.name, "closed").inc()
+        self.client.refuse(AlertDescription.INTERNAL_ERROR, reason)
 
     def _stop_splice(self) -> None:
         if self._splice is not None:
