@@ -76,15 +76,41 @@ _SKIP = frozenset(
 )
 
 
+#: The format of a connection event (echfront.front.connlog): its text is
+#: pre-rendered in the ``text`` field, so it needs no format parsing.
+_CONNECTION_FORMAT = "connection {text}"
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    """The event's message, as ``twisted.logger.formatEvent`` renders it."""
+    text = event.get("text")
+    if (
+        event.get(CONNECTION_EVENT)
+        and event.get("log_format") == _CONNECTION_FORMAT
+        and isinstance(text, str)
+    ):
+        return "connection " + text
+    return formatEvent(event)
+
+
+def _level_name(event: dict[str, Any]) -> str:
+    level = event.get("log_level")
+    return level.name if isinstance(level, type(LogLevel.info)) else "info"
+
+
+_json_time_cache: list[Any] = [-1, ""]
+
+
 def _json_event(event: dict[str, Any]) -> str:
     """One log event as one JSON line."""
-    level = event.get("log_level")
+    when = int(event.get("log_time", time.time()))
+    if when != _json_time_cache[0]:
+        _json_time_cache[:] = [when, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))]
     record: dict[str, Any] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
-        + "Z",
-        "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
+        "time": _json_time_cache[1],
+        "level": _level_name(event),
         "namespace": event.get("log_namespace", ""),
-        "text": formatEvent(event),
+        "text": _event_text(event),
     }
     if event.get(CONNECTION_EVENT):
         record.update((k, v) for k, v in event.items() if k not in _SKIP)
@@ -102,13 +128,16 @@ def _text_event(event: dict[str, Any]) -> str:
     when = int(event.get("log_time", time.time()))
     if when != _time_cache[0]:
         _time_cache[:] = [when, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))]
-    level = event.get("log_level")
-    level_name = level.name if isinstance(level, type(LogLevel.info)) else "info"
-    text = formatEvent(event).replace("\n", "\n\t")
+    level_name = _level_name(event)
+    text = _event_text(event).replace("\n", "\n\t")
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n\t" + failure.getTraceback().rstrip().replace("\n", "\n\t")
     return f"{_time_cache[1]} [{event.get('log_namespace', '-')}#{level_name}] {text}\n"
+
+
+#: Levels written at once rather than batched.
+_URGENT = frozenset((LogLevel.error, LogLevel.critical))
 
 
 @implementer(ILogObserver)
@@ -137,15 +166,17 @@ class BufferedFileLogObserver:
         self._size = 0
         self._timer: IDelayedCall | None = None
         self._shutdown_hooked = False
+        #: Set by the flush at shutdown: from then on every event is written
+        #: at once (no timer would run again).
+        self._stopped = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         """Buffer one event; flush when due."""
         line = self._format(event)
         self._lines.append(line)
         self._size += len(line)
-        level = event.get("log_level")
-        urgent = level is not None and level >= LogLevel.error
-        if urgent or self._size >= self.FLUSH_BYTES:
+        urgent = event.get("log_level") in _URGENT
+        if urgent or self._stopped or self._size >= self.FLUSH_BYTES:
             self.flush()
         elif self._timer is None:
             self._schedule()
@@ -157,9 +188,15 @@ class BufferedFileLogObserver:
 
             reactor = self._reactor = installed
         if not self._shutdown_hooked and IReactorCore.providedBy(reactor):
-            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+            reactor.addSystemEventTrigger("after", "shutdown", self._final_flush)
             self._shutdown_hooked = True
         self._timer = reactor.callLater(self.FLUSH_SECONDS, self.flush)
+
+    def _final_flush(self) -> None:
+        # Events may still come after this (other shutdown triggers emit
+        # theirs, e.g. the connection log's last batch): they are written at once.
+        self._stopped = True
+        self.flush()
 
     def flush(self) -> None:
         """Write everything buffered."""

@@ -10,25 +10,26 @@ can inflate the number of series.  Server names are never labels.
 Every front owns its own registry; with ``--workers`` each worker writes
 into a shared multiprocess directory and the supervising process serves the
 sum (prometheus_client's multiprocess mode).
+
+Counting costs a few attribute operations: the metric classes are those of
+:mod:`echfront.front.fastmetrics`, which keep plain numbers and bucket
+arrays and turn them into samples only when the registry is collected (a
+scrape), with prometheus_client's names, types, labels and samples.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import Counter as PrometheusCounter
 from twisted.web.resource import Resource
 
 from echfront.errors import alert_name
+from echfront.front.fastmetrics import MIRRORS, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
     from twisted.web.server import Request
 
     from echfront.ech.keyset import KeySet
@@ -134,6 +135,14 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+    def bind(self, clock: IReactorTime) -> None:
+        """Copy values for the ``--workers`` supervisor once per turn of ``clock``.
+
+        Only in multiprocess mode does anything need copying (see
+        :mod:`echfront.front.fastmetrics`); elsewhere this changes nothing.
+        """
+        MIRRORS.bind(clock)
+
     def set_keys(self, keys: KeySet) -> None:
         """Describe the key set in service (after start and every reload).
 
@@ -170,14 +179,14 @@ class Metrics:
             self.limited.labels(record.limit).inc()
 
 
-def key_publications_counter(registry: CollectorRegistry) -> Counter:
+def key_publications_counter(registry: CollectorRegistry) -> PrometheusCounter:
     """``echfront_key_publications_total``: the rotation schedule's publications.
 
     Rotation runs in one process per deployment (the supervisor with
     ``--workers``), so this counter is registered where that process
-    serves its metrics.
+    serves its metrics.  A few events a day: prometheus_client's own counter.
     """
-    return Counter(
+    return PrometheusCounter(
         "echfront_key_publications_total",
         "Publications of new ECH keys to DNS (with verification), by result.",
         ("result",),

@@ -32,12 +32,10 @@ from zope.interface import implementer
 
 from echfront.errors import AlertDescription, AlertError, InternalError, alert_record
 from echfront.front.connection import (
-    CONNECTION_EVENT,
-    CONNECTION_FIELDS,
     ConnectionRecord,
-    connection_event_fields,
     format_address,
 )
+from echfront.front.connlog import ConnectionLog, emit_connection
 from echfront.front.limits import AddressLimits, address_key
 from echfront.front.local import LocalHandoff
 from echfront.front.metrics import Metrics
@@ -55,20 +53,14 @@ if TYPE_CHECKING:
 
 __all__ = ["FrontFactory", "FrontProtocol", "log_connection"]
 
-_log = Logger(namespace="echfront.connection")
-
-
 def log_connection(record: ConnectionRecord, now: float, *, log_server_names: bool) -> None:
-    """Emit the connection's one event (level info); ``now`` in the reactor's seconds.
+    """Emit the connection's one event (level info) now; ``now`` in the reactor's seconds.
 
     Observers (:mod:`echfront.logs`) write its fields, documented in
-    docs/operations.rst, as JSON or text.
+    docs/operations.rst, as JSON or text.  The factory batches these
+    (:class:`~echfront.front.connlog.ConnectionLog`).
     """
-    fields = connection_event_fields(record, now, log_server_names=log_server_names)
-    # Rendered here once: a format string with a dozen fields would be parsed
-    # again by every text observer, for every connection.
-    text = " ".join(f"{name}={fields[name]}" for name in CONNECTION_FIELDS if name in fields)
-    _log.info("connection {text}", text=text, **{CONNECTION_EVENT: True}, **fields)
+    emit_connection(record, now, log_server_names=log_server_names)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -331,7 +323,10 @@ class FrontFactory(Factory):
         self.state = state
         self.reactor = reactor
         self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.bind(reactor)
         self.limits = AddressLimits(reactor.seconds)
+        #: Connection log events, emitted in batches.
+        self.connection_log = ConnectionLog(reactor)
         self.connections: set[FrontProtocol] = set()
         self._sweeper: IDelayedCall | None = None
 
@@ -372,14 +367,16 @@ class FrontFactory(Factory):
         if not proto.record.first_flight_bytes:  # closed before its ClientHello was complete
             self.limits.end_first_flight(proto.record.address)
         self.metrics.active.dec()
-        if not self.connections:
-            self._stop_sweep()  # no timer runs while the front is idle
         self.metrics.closed(proto.record)
-        log_connection(
+        self.connection_log.add(
             proto.record,
             self.reactor.seconds(),
             log_server_names=proto.state.settings.log_server_names,
         )
+        if not self.connections:
+            # No timer runs while the front is idle, and no line waits.
+            self._stop_sweep()
+            self.connection_log.flush()
 
     # -- the idle sweep -------------------------------------------------------
 
