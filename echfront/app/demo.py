@@ -19,6 +19,7 @@ from echfront.app.certs import TestCA
 from echfront.config.schema import Config, KeyFileConfig, LocalConfig, RouteConfig
 from echfront.ech.echconfig import encode_config_list
 from echfront.ech.keyset import generate_key
+from echfront.ech.padding import derive_maximum_name_length
 from echfront.keys.keyfile import read_key_file, write_key_file
 
 __all__ = ["DEMO_PORT", "PRIVATE_NAME", "PUBLIC_NAME", "default_state_dir", "demo_config"]
@@ -39,8 +40,11 @@ def demo_config(state_dir: Path, port: int = DEMO_PORT) -> tuple[Config, list[st
     """Create the demo's files if missing; return its config and lines to print."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = state_dir / "ech.pem"
+    routes = (RouteConfig(PRIVATE_NAME, "local:private", require_ech=True),)
     if not key_path.exists():
-        write_key_file(key_path, [generate_key(PUBLIC_NAME, maximum_name_length=32)])
+        # Padded to the demo's routed names (RFC 9849 §6.1.3).
+        length = derive_maximum_name_length(route.name for route in routes)
+        write_key_file(key_path, [generate_key(PUBLIC_NAME, maximum_name_length=length)])
     (key,) = read_key_file(key_path)
     ca = TestCA(state_dir)
     public = ca.issue([PUBLIC_NAME])
@@ -53,7 +57,7 @@ def demo_config(state_dir: Path, port: int = DEMO_PORT) -> tuple[Config, list[st
         locals={
             "private": LocalConfig("private", private.chain, private.key, _FACTORY, ("http/1.1",))
         },
-        routes=(RouteConfig(PRIVATE_NAME, "local:private", require_ech=True),),
+        routes=routes,
         default="public",
     )
     config_list = base64.b64encode(encode_config_list([key.config])).decode()

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from echfront._version import __version__
 from echfront.app.trybrowser import add_try_parser, run_try
 from echfront.cli.check import add_check_parser, run_check
+from echfront.config.schema import load_config_file
 from echfront.dns.svcb import https_record
 from echfront.ech.echconfig import (
     ECHConfig,
@@ -30,6 +31,7 @@ from echfront.ech.echconfig import (
 )
 from echfront.ech.hpke import DEFAULT_SUITES
 from echfront.ech.keyset import ECHKey, generate_key, preference_order
+from echfront.ech.padding import derive_maximum_name_length
 from echfront.errors import ConfigError
 from echfront.keys.keydir import KeyDirectory, KeyRecord, KeyState, utcnow
 from echfront.keys.keyfile import load_pem, read_key_file, write_key_file
@@ -97,12 +99,7 @@ def _parser() -> _Parser:
         "beside an x25519 key for clients without it)",
     )
     keygen.add_argument("--config-id", type=_byte, help="config_id 0..255 (default: random)")
-    keygen.add_argument(
-        "--max-name-length",
-        type=_byte,
-        default=0,
-        help="longest private name, for client padding (default 0: unknown)",
-    )
+    _add_name_length_options(keygen)
     keygen.add_argument(
         "--suite",
         type=_suite,
@@ -176,12 +173,7 @@ def _add_keys_parser(commands: Any) -> None:
             action="append",
             help="KEM, repeatable for one key each (default x25519)",
         )
-        action.add_argument(
-            "--max-name-length",
-            type=_byte,
-            default=0,
-            help="longest private name (default 0: unknown)",
-        )
+        _add_name_length_options(action)
         if name == "rotate":
             action.add_argument(
                 "--grace", default="48h", help="how long retired keys keep decrypting (default 48h)"
@@ -205,6 +197,36 @@ def _add_keys_parser(commands: Any) -> None:
     retire.add_argument("stems", nargs="+", help="keys to retire (names from `keys list`)")
     retire.add_argument("--grace", default="48h", help="decrypt-only time (default 48h)")
     retire.add_argument("--now", action="store_true", help="delete at once instead")
+
+
+def _add_name_length_options(parser: argparse.ArgumentParser) -> None:
+    """``--max-name-length N`` or ``--config FILE`` (RFC 9849 §6.1.3 padding)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--max-name-length",
+        type=_byte,
+        help="maximum_name_length: the longest private name, which clients pad to "
+        "(default 0: unknown, unless --config)",
+    )
+    group.add_argument(
+        "--config",
+        type=Path,
+        help="derive maximum_name_length from this front configuration's routes, as the "
+        "front does ([keys] max_name_length when set)",
+    )
+
+
+def _name_length(args: argparse.Namespace) -> int:
+    """The maximum_name_length new keys get (see :func:`_add_name_length_options`)."""
+    if args.config is None:
+        return int(args.max_name_length or 0)
+    config = load_config_file(args.config)
+    if config.rotation is not None:
+        length = config.rotation.maximum_name_length  # set, or derived by the same rule
+    else:
+        length = derive_maximum_name_length(config.routed_names())
+    print(f"maximum_name_length {length} (from {args.config})")
+    return length
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -231,6 +253,7 @@ def _keys(args: argparse.Namespace) -> None:
     with directory.locked():
         by_stem = {r.stem: r for r in directory.records()}
         if args.action in ("add", "rotate"):
+            name_length = _name_length(args)
             taken = directory.taken_ids()
             added = []
             for kem in args.kem or ["x25519"]:
@@ -238,7 +261,7 @@ def _keys(args: argparse.Namespace) -> None:
                     args.public_name,
                     kem_id=_KEMS[kem],
                     taken_ids=taken,
-                    maximum_name_length=args.max_name_length,
+                    maximum_name_length=name_length,
                 )
                 taken.add(key.config_id)
                 added.append(directory.add([key], KeyState.PENDING, now))
@@ -304,7 +327,7 @@ def _keygen(args: argparse.Namespace) -> None:
     key = generate_key(
         args.public_name,
         config_id=args.config_id,
-        maximum_name_length=args.max_name_length,
+        maximum_name_length=_name_length(args),
         suites=tuple(args.suite) if args.suite else DEFAULT_SUITES,
         kem_id=_KEMS[args.kem],
     )

@@ -23,6 +23,7 @@ import dns.exception
 import dns.name
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
 from zope.interface.interface import InterfaceClass
 
 from echfront.config.endpoints import tcp_client_address
@@ -32,7 +33,9 @@ from echfront.dns.rfc2136 import TSIG_ALGORITHMS, RFC2136Publisher, TSIGKey, par
 from echfront.dns.verify import Verifier, absolute_name, describe_error
 from echfront.ech.decoder import ECHDecoder
 from echfront.ech.keyset import KeySet
+from echfront.ech.padding import longest_name
 from echfront.errors import ConfigError
+from echfront.front.exitlink import ExitListenEndpoint, exit_tls_options
 from echfront.front.local import local_target
 from echfront.front.state import FrontState
 from echfront.front.tlsoptions import load_certificate_options
@@ -48,8 +51,11 @@ __all__ = [
     "listen_endpoints",
     "load_key_set",
     "load_tsig_key",
+    "padding_warning",
     "resolve_dotted",
 ]
+
+_log = Logger()
 
 
 def resolve_dotted(name: str, where: str) -> Any:
@@ -83,6 +89,33 @@ def load_key_set(config: Config) -> KeySet:
     if config.key_directory is not None:
         keys.extend(KeyDirectory(config.key_directory).load_keys())
     return KeySet(keys)
+
+
+def padding_warning(config: Config, keys: KeySet) -> str | None:
+    """One line when a routed name is longer than a served config's ``maximum_name_length``.
+
+    Clients pad the inner server_name up to that value (RFC 9849 §6.1.3), so
+    a longer name makes a longer ClientHello.  The line names the route by
+    its position, never the name itself (names stay out of logs).
+    """
+    longest = longest_name(config.routed_names())
+    published = [key.config for key in keys.keys if key.published]
+    if longest is None or not published:
+        return None
+    index, length = longest
+    short = sorted({c.config_id for c in published if c.maximum_name_length < length})
+    if not short:
+        return None
+    routes = len(config.routes)
+    where = f"routes[{index}]" if index < routes else f"publish.names[{index - routes}]"
+    value = min(c.maximum_name_length for c in published)
+    ids = ", ".join(map(str, short))
+    return (
+        f"ECH padding: the longest routed name ({where}) is {length} octets, more than the "
+        f"maximum_name_length {value} of config_id {ids}; ClientHellos for it are longer than "
+        "for other names (RFC 9849 §6.1.3): make new keys with --config (echfront keygen, "
+        "echfront keys add) or let [keys] rotation make them"
+    )
 
 
 def _public_name(config: Config, keys: KeySet) -> str | None:
@@ -125,6 +158,9 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
     :raises ConfigError: one line naming the file or key and the problem.
     """
     keys = load_key_set(config)
+    warning = padding_warning(config, keys)
+    if warning is not None:
+        _log.warn("{warning}", warning=warning)
     public_name = _public_name(config, keys)
 
     def make_local(where: str, local: LocalConfig) -> Local:
@@ -223,9 +259,9 @@ def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]
 
 
 def listen_endpoints(config: Config, reactor: Any) -> list[Any]:
-    """Server endpoints for ``config.listen``.
+    """Server endpoints for ``config.listen``; with ``[exit]``, behind the exit's TLS.
 
-    :raises ConfigError: naming the bad endpoint string.
+    :raises ConfigError: naming the bad endpoint string or ``[exit]`` file.
     """
     endpoints = []
     for description in config.listen:
@@ -233,6 +269,10 @@ def listen_endpoints(config: Config, reactor: Any) -> list[Any]:
             endpoints.append(serverFromString(reactor, description))
         except Exception as error:
             raise ConfigError(f"listen: {description!r}: {error}") from None
+    if config.exit is not None:
+        link = config.exit
+        options = exit_tls_options(link.cert, link.key, link.client_ca)
+        endpoints = [ExitListenEndpoint(endpoint, options, reactor) for endpoint in endpoints]
     return endpoints
 
 

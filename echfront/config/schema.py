@@ -38,6 +38,7 @@ from echfront.dns.rfc2136 import DEFAULT_TTL, TSIG_ALGORITHMS
 from echfront.dns.svcb import validate_alpn_id
 from echfront.dns.verify import DEFAULT_TIMEOUT, DNSServer, absolute_name
 from echfront.ech.echconfig import option_names, validate_public_name
+from echfront.ech.padding import derive_maximum_name_length
 from echfront.errors import AlertDescription, ConfigError
 from echfront.front.state import FrontSettings
 from echfront.keys.rotation import RotationPolicy, parse_duration
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_PUBLIC_FACTORY",
     "BackendConfig",
     "Config",
+    "ExitConfig",
     "KeyFileConfig",
     "LocalConfig",
     "PublishConfig",
@@ -92,6 +94,21 @@ class LocalConfig:
     factory: str
     alpn: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExitConfig:
+    """``[exit]``: take relayed ClientHelloInners from fronts over mutual TLS.
+
+    Every listener wraps its connections in TLS with ``cert``/``key`` and
+    requires a client certificate issued by ``client_ca``; on such a
+    connection a ClientHello carrying the inner ECH extension counts as ECH
+    accepted (the front decrypted it; RFC 9849 §10.10.6).
+    """
+
+    cert: Path
+    key: Path | None
+    client_ca: Path
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,14 @@ class Config:
     key_directory: Path | None = None
     rotation: RotationPolicy | None = None
     publish: PublishConfig = field(default_factory=PublishConfig)
+    exit: ExitConfig | None = None
+
+    def routed_names(self) -> tuple[str, ...]:
+        """The private names clients may ask for: route patterns, then ``[publish] names``.
+
+        What ``maximum_name_length`` is derived from (RFC 9849 §6.1.3).
+        """
+        return (*(route.name for route in self.routes), *self.publish.names)
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change triggers a reload when ``[reload] watch`` is on."""
@@ -293,6 +318,7 @@ _TOP = (
     "keys",
     "publish",
     "rejected",
+    "exit",
 )
 
 
@@ -377,6 +403,10 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     publish = parse_publish(publish_table, base=base)
     if set(publish_table) - {"names"} and rotation is None:
         raise ConfigError("publish: needs [keys] directory and rotate (what to publish)")
+    if rotation is not None and "max_name_length" not in top.table("keys"):
+        # Keys the front makes pad to the names it routes (RFC 9849 §6.1.3).
+        names = (*(route.name for route in routes), *publish.names)
+        rotation = replace(rotation, maximum_name_length=derive_maximum_name_length(names))
 
     router_section = _Section(top.table("router"), "router", ("factory", "options"))
     router = router_section.get("factory", str)
@@ -385,6 +415,9 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     workers = top.get("workers", int, 1)
     if not 1 <= workers <= 256:
         raise ConfigError("workers: must be 1..256")
+    exit_link = _exit_config(top.table("exit"), base) if "exit" in data else None
+    if exit_link is not None and workers > 1:
+        raise ConfigError("exit: serves in one process; set workers = 1")
     return Config(
         listen=listen,
         keys=tuple(keys),
@@ -408,6 +441,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         key_directory=key_directory,
         rotation=rotation,
         publish=publish,
+        exit=exit_link,
     )
 
 
@@ -626,6 +660,15 @@ def _check_doh(url: str) -> None:
             loopback = False
         if not loopback:
             raise ConfigError("publish.doh: plain http:// is only allowed to a loopback address")
+
+
+def _exit_config(table: Mapping[str, Any], base: Path) -> ExitConfig:
+    """``[exit]``: the exit's certificate and the CA of its fronts' client certificates."""
+    section = _Section(table, "exit", ("cert", "key", "client_ca"))
+    cert = section.path("cert", base)
+    client_ca = section.path("client_ca", base)
+    assert cert is not None and client_ca is not None  # required paths
+    return ExitConfig(cert, section.path("key", base, required=False), client_ca)
 
 
 def _backend_config(name: str, entry: object) -> BackendConfig:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from echfront.ech.hpke import HPKEError, RecipientContext
@@ -497,6 +497,24 @@ class ECHDecoder:
                 second_hello=SecondHelloDecoder(context, ech),
             )
         return self._plain(outer, flight, ECHStatus.REJECTED, ech.config_id, reason)
+
+    def decode_relayed(
+        self, flight: HandshakeFlight, *, may_decrypt: Callable[[], bool] | None = None
+    ) -> ClientHelloInfo:
+        """Decode a first flight that a front relayed to an exit (RFC 9849 §10.10.6).
+
+        Only for a link whose peer proved it is a front (echfront.front.exitlink):
+        a ClientHelloInner, marked by the inner-type ECH extension (§5), was
+        decrypted there; it gets the FWD-1/FWD-2 checks, counts as ECH accepted
+        and is forwarded unchanged (a second ClientHello too: no HPKE here).
+        Anything else is decoded by :meth:`decode`, as on every other connection.
+        """
+        inner = ClientHello.from_message(flight.message)
+        relayed = inner.raw_extension(EXT_ECH) == _INNER_ECH_EXTENSION
+        if not relayed or EXT_ECH_OUTER_EXTENSIONS in inner:
+            return self.decode(flight, may_decrypt=may_decrypt)
+        _validate_inner(inner)
+        return replace(self._plain(inner, flight, ECHStatus.ACCEPTED, None, None), inner=inner)
 
     @staticmethod
     def _plain(

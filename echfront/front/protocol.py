@@ -36,6 +36,7 @@ from echfront.front.connection import (
     format_address,
 )
 from echfront.front.connlog import ConnectionLog, emit_connection
+from echfront.front.exitlink import trusted_link
 from echfront.front.limits import AddressLimits, address_key
 from echfront.front.local import LocalHandoff
 from echfront.front.metrics import Metrics
@@ -122,7 +123,10 @@ class FrontProtocol(Protocol):
             self.dataReceived = self._hold  # type: ignore[method-assign]
             self.factory.first_flight_done(self, len(flight.records))
             decode_started = time.perf_counter()
-            info = self.state.decoder.decode(flight, may_decrypt=self._may_decrypt)
+            decoder = self.state.decoder
+            # An exit's link from a front carries ClientHelloInners (RFC 9849 §10.10.6).
+            decode = decoder.decode_relayed if trusted_link(self.transport) else decoder.decode
+            info = decode(flight, may_decrypt=self._may_decrypt)
         except AlertError as error:
             self.fail(error)
             return
