@@ -14,11 +14,16 @@ server "MUST ignore the extension and proceed with the connection" using
 the outer hello; that is ``ECHStatus.REJECTED``.  Real errors (malformed
 structures, forbidden values) raise :class:`~echfront.errors.AlertError`
 subclasses carrying the alert, and nothing else escapes.
+
+Why this module is long: the first and second ClientHello go through the
+same steps (outer ECH extension, HPKE open, inner rebuild, inner checks),
+and keeping those steps beside both callers keeps the two paths identical.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -127,7 +132,13 @@ def parse_outer_ech(
     :raises IllegalParameter: for an unknown type (PAR-6).
     :raises DecodeError: for truncation, trailing bytes or an empty payload (PAR-7).
     """
-    data = extension.data
+    return _parse_outer_ech(extension.data, extension.offset, inner_type_alert)
+
+
+def _parse_outer_ech(
+    data: bytes, offset: int, inner_type_alert: type[DecodeError | IllegalParameter]
+) -> OuterECH:
+    """:func:`parse_outer_ech` of extension data found at ``offset`` in its body."""
     if not data:
         raise DecodeError("empty encrypted_client_hello extension")
     if data[0] == _ECH_TYPE_INNER:
@@ -152,7 +163,7 @@ def parse_outer_ech(
         config_id=data[5],
         enc=data[_ENC_OFFSET:payload_len_at],
         payload=data[payload_at:],
-        payload_offset=extension.offset + payload_at,
+        payload_offset=offset + payload_at,
     )
 
 
@@ -177,6 +188,12 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
     single use (REC-5) at once.  Every referenced extension is used at most
     once, so the result is never larger than outer plus payload (SEC-2).
 
+    This runs once per ECH connection, so it does the work in as few steps
+    as it can: extensions that lie next to each other in their source (the
+    encoded inner, or the outer hello) are copied as one slice, the body is
+    joined once, and the fixed fields are checked here, as they are read,
+    rather than by parsing the result again.
+
     :returns: the handshake message (4-byte header and body), byte-exact
         what the client hashes (REC-12), and the parsed hello.
     :raises IllegalParameter: for the §5.1 violations the checklist maps to 47.
@@ -187,34 +204,42 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
         raise DecodeError("EncodedClientHelloInner too short")
     if encoded[34] != 0:
         raise IllegalParameter("EncodedClientHelloInner has a non-empty legacy_session_id")
-    pos = 35
-    if pos + 2 > end:
+    if end < 37:
         raise DecodeError("EncodedClientHelloInner truncated")
-    pos += 2 + ((encoded[pos] << 8) | encoded[pos + 1])
+    suites_length = (encoded[35] << 8) | encoded[36]
+    pos = 37 + suites_length
     if pos + 1 > end:
         raise DecodeError("EncodedClientHelloInner truncated in cipher_suites")
-    pos += 1 + encoded[pos]
+    compression_at = pos + 1
+    pos = compression_at + encoded[pos]
     if pos + 2 > end:
         raise DecodeError("EncodedClientHelloInner has no extensions")
+    # The checks ClientHello.parse makes of these fields (the message says
+    # nothing of the encrypted values, SEC-3).
+    if suites_length < 2 or suites_length % 2 or pos == compression_at:
+        raise DecodeError("malformed ClientHelloInner")
     ext_block_at = pos
     ext_end = pos + 2 + ((encoded[pos] << 8) | encoded[pos + 1])
     if ext_end > end:
         raise DecodeError("EncodedClientHelloInner extensions overrun the payload")
-    padding = encoded[ext_end:]
-    if padding.count(0) != len(padding):
+    if encoded.count(0, ext_end) != end - ext_end:
         raise IllegalParameter("EncodedClientHelloInner padding is not all zeros")
 
     sid = outer.session_id
     # Where the extension block will start in the rebuilt body: the outer
     # session id replaces the empty one.
-    offset = ext_block_at + len(sid) + 2
+    first = offset = ext_block_at + len(sid) + 2
     outer_types = outer.extension_types
     outer_bounds = outer.extension_bounds
     outer_body = outer.body
     count = len(outer_types)
     cursor = 0
     expanded = False
+    # Slices of the new extension block, and the run being extended: a
+    # source (0: encoded, 1: outer body) and the span taken from it.
     parts: list[bytes] = []
+    run_source = -1
+    run_start = run_end = 0
     types: list[int] = []
     bounds: list[int] = []
     pos = ext_block_at + 2
@@ -227,7 +252,11 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
         if data_end > ext_end:
             raise DecodeError("extension overruns EncodedClientHelloInner")
         if ext_type != EXT_ECH_OUTER_EXTENSIONS:
-            parts.append(encoded[pos:data_end])
+            if run_source != 0 or run_end != pos:
+                if run_source >= 0:
+                    parts.append((encoded, outer_body)[run_source][run_start:run_end])
+                run_source, run_start = 0, pos
+            run_end = data_end
             types.append(ext_type)
             bounds.append(offset)
             offset += data_end - pos
@@ -236,50 +265,68 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
         if expanded:
             raise IllegalParameter("ech_outer_extensions appears twice")
         expanded = True
-        refs = encoded[pos + 4 : data_end]
         # OuterExtensions: ExtensionType OuterExtensions<2..254> (§5.1).
-        if not refs or refs[0] != len(refs) - 1 or refs[0] < 2 or refs[0] % 2:
+        size = encoded[pos + 4] if length else 0
+        if not length or size != length - 1 or size < 2 or size % 2:
             raise DecodeError("bad ech_outer_extensions length")
-        for i in range(1, len(refs), 2):
-            wanted = (refs[i] << 8) | refs[i + 1]
+        for wanted in _uint16s(size // 2).unpack_from(encoded, pos + 5):
             # Messages here say what is wrong, never which values the
             # encrypted hello held (SEC-3).
             if wanted in (EXT_ECH, EXT_ECH_OUTER_EXTENSIONS):
                 raise IllegalParameter("ech_outer_extensions references an ECH extension")
-            while cursor < count and outer_types[cursor] != wanted:
-                cursor += 1
-            if cursor == count:
+            try:
+                cursor = outer_types.index(wanted, cursor, count)
+            except ValueError:
                 raise IllegalParameter(
                     "an ech_outer_extensions reference is missing, repeated or out of order"
-                )
+                ) from None
             start, stop = outer_bounds[cursor], outer_bounds[cursor + 1]
-            parts.append(outer_body[start:stop])
+            if run_source != 1 or run_end != start:
+                if run_source >= 0:
+                    parts.append((encoded, outer_body)[run_source][run_start:run_end])
+                run_source, run_start = 1, start
+            run_end = stop
             types.append(wanted)
             bounds.append(offset)
             offset += stop - start
             cursor += 1
         pos = data_end
+    if run_source >= 0:
+        parts.append((encoded, outer_body)[run_source][run_start:run_end])
     bounds.append(offset)
-
-    block = b"".join(parts)
     body = b"".join(
         (
             encoded[:34],
             bytes((len(sid),)),
             sid,
             encoded[35:ext_block_at],
-            len(block).to_bytes(2, "big"),
-            block,
+            (offset - first).to_bytes(2, "big"),
+            *parts,
         )
     )
     try:
-        hello = ClientHello.from_parts(body, types, bounds)
+        hello = ClientHello.assembled(
+            body,
+            legacy_version=(encoded[0] << 8) | encoded[1],
+            random=encoded[2:34],
+            session_id=sid,
+            cipher_suites=encoded[37 : 37 + suites_length],
+            compression_methods=encoded[compression_at:ext_block_at],
+            types=types,
+            bounds=bounds,
+        )
     except AlertError as error:
         # Same alert, but a message that repeats nothing from the encrypted
         # hello (SEC-3): the generic parser names extension types.
         raise type(error)("malformed ClientHelloInner") from None
     message = bytes((HANDSHAKE_CLIENT_HELLO,)) + len(body).to_bytes(3, "big") + body
     return RebuiltInner(message, hello)
+
+
+@functools.lru_cache(maxsize=128)
+def _uint16s(count: int) -> struct.Struct:
+    """A Struct reading ``count`` big-endian uint16 values."""
+    return struct.Struct(f">{count}H")
 
 
 #: The whole inner ECH extension: type 0xfe0d, length 1, ECHClientHelloType inner.

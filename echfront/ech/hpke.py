@@ -12,9 +12,11 @@ make the front run SetupBaseR once per ClientHello, so its cost matters.
 pyhpke builds several key, KDF and HMAC objects and recomputes per-key
 values on every call, which made HPKE alone 2-3x the X25519 exchange it
 must do (benchmarks/bench_decoder.py measures both).  Here everything that
-depends only on the key or the suite (pkR, psk_id_hash, info_hash, label
-prefixes) is computed once, and HMAC is the C ``hmac.digest``.  The only
-per-call work is the KEM's Diffie-Hellman and five HMACs.  Correctness is
+depends only on the key, the suite and the info string (pkR, psk_id_hash,
+info_hash, the whole key_schedule_context and both Expand inputs: a
+``_Schedule`` per key and suite) is computed once, and each HMAC is one C
+call.  The only per-call work is the KEM's Diffie-Hellman, five HMACs and
+the AEAD's key setup.  Correctness is
 pinned by the RFC 9180 test vectors and by cross-checks against pyhpke,
 an independent implementation, in tests/test_hpke.py.
 
@@ -36,12 +38,16 @@ that a published config decrypts.  Its Encap is the mirror of each KEM's
 Decap above, and its key schedule is :func:`_key_schedule`, the same
 derivation the recipient performs (tests/test_probe.py opens what it seals
 with :class:`RecipientKey`, and pyhpke's recipient opens it too).
+
+Why this module is long: recipient and sender share every constant and the
+key schedule, and each KEM's Decap sits next to its Encap; kept together,
+the two sides cannot drift apart.
 """
 
 from __future__ import annotations
 
+import _hashlib
 import hashlib
-import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,14 +112,19 @@ class HPKEError(Exception):
     """SetupBaseR or Open failed; for ECH this candidate key did not work."""
 
 
+#: HMAC in one C call: the function ``hmac.digest`` calls for a named hash
+#: (CPython's OpenSSL binding), without that wrapper's Python frame.
+_hmac: Callable[[bytes, bytes, str], bytes] = _hashlib.hmac_digest
+
+
 def _extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract (RFC 5869 §2.2); an empty salt means Nh zero bytes."""
-    return hmac.digest(salt, ikm, hash_name)  # HMAC pads a short key with zeros
+    return _hmac(salt, ikm, hash_name)  # HMAC pads a short key with zeros
 
 
 def _expand_one_block(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
     """HKDF-Expand (RFC 5869 §2.3) for length <= Nh: one HMAC block."""
-    return hmac.digest(prk, info + b"\x01", hash_name)[:length]
+    return _hmac(prk, info + b"\x01", hash_name)[:length]
 
 
 # -- KEMs ----------------------------------------------------------------------
@@ -144,10 +155,14 @@ class _KEM(Protocol):
 
 @dataclass(frozen=True)
 class _X25519Private:
-    """An X25519 recipient key with its serialised public key (pkRm), kept."""
+    """An X25519 recipient key with its serialised public key (pkRm), kept.
+
+    :ivar expand_tail: pkRm || 0x01, the fixed end of Decap's Expand input.
+    """
 
     key: X25519PrivateKey
     public: bytes
+    expand_tail: bytes
 
 
 class _DHKEMX25519:
@@ -167,7 +182,7 @@ class _DHKEMX25519:
             raise ValueError("an X25519 private key is 32 bytes")
         key = X25519PrivateKey.from_private_bytes(private_bytes)
         public = key.public_key().public_bytes_raw()
-        return _X25519Private(key, public), public
+        return _X25519Private(key, public, public + b"\x01"), public
 
     def generate(self) -> bytes:
         """A random X25519 scalar."""
@@ -179,8 +194,10 @@ class _DHKEMX25519:
         # from_public_bytes refuses a wrong length; exchange refuses the
         # all-zero result of a low-order point (RFC 9180 §7.1.4).
         dh = private.key.exchange(X25519PublicKey.from_public_bytes(enc))
-        eae_prk = _extract("sha256", b"", self._EAE_PRK + dh)
-        return _expand_one_block("sha256", eae_prk, self._SHARED_SECRET + enc + private.public, 32)
+        # Extract with an empty salt, then one Expand block whose info ends
+        # in pkRm || 0x01, precomputed with the key.
+        eae_prk = _hmac(b"", self._EAE_PRK + dh, "sha256")
+        return _hmac(eae_prk, self._SHARED_SECRET + enc + private.expand_tail, "sha256")
 
 
 @dataclass(frozen=True)
@@ -310,12 +327,15 @@ class _Context:
     def __init__(self, aead: AESGCM | ChaCha20Poly1305, base_nonce: bytes) -> None:
         """Start at sequence number 0."""
         self._aead = aead
-        self._base_nonce = int.from_bytes(base_nonce, "big")
+        self._base_nonce = base_nonce
         self._seq = 0
 
     def _nonce(self) -> bytes:
         """ComputeNonce(seq): base_nonce XOR the sequence number."""
-        return (self._base_nonce ^ self._seq).to_bytes(_NONCE_LENGTH, "big")
+        if not self._seq:  # the first (for ECH usually the only) message
+            return self._base_nonce
+        value = int.from_bytes(self._base_nonce, "big") ^ self._seq
+        return value.to_bytes(_NONCE_LENGTH, "big")
 
 
 class RecipientContext(_Context):
@@ -344,7 +364,7 @@ class RecipientKey:
     :ivar public_key: the serialised public key (what an ECHConfig carries).
     """
 
-    __slots__ = ("_info_hashes", "_kem", "_private", "_private_bytes", "kem_id", "public_key")
+    __slots__ = ("_kem", "_private", "_private_bytes", "_schedules", "kem_id", "public_key")
 
     def __init__(self, kem_id: int, private_bytes: bytes) -> None:
         """Load a serialised private key of ``kem_id``.
@@ -361,7 +381,7 @@ class RecipientKey:
         self.kem_id = kem_id
         self._kem = kem
         self._private_bytes = bytes(private_bytes)
-        self._info_hashes: dict[tuple[int, int, bytes], bytes] = {}
+        self._schedules: dict[tuple[int, int, bytes], _Schedule] = {}
 
     @classmethod
     def generate(cls, kem_id: int = KEM_X25519_HKDF_SHA256) -> RecipientKey:
@@ -386,9 +406,17 @@ class RecipientKey:
             (wrong length, low-order point: RFC 9180 §7.1.4).  The KEM is
             the key's; only the KDF and AEAD come from the client.
         """
-        suite = _SUITES.get((self.kem_id, kdf_id, aead_id))
-        if suite is None:
-            raise HPKEError(f"unsupported HPKE suite 0x{kdf_id:04x}/0x{aead_id:04x}")
+        # info is "tls ech" || 0 || ECHConfig: a constant per key and suite,
+        # so everything the key schedule derives from it is computed once.
+        cache_key = (kdf_id, aead_id, info)
+        schedule = self._schedules.get(cache_key)
+        if schedule is None:
+            suite = _SUITES.get((self.kem_id, kdf_id, aead_id))
+            if suite is None:
+                raise HPKEError(f"unsupported HPKE suite 0x{kdf_id:04x}/0x{aead_id:04x}")
+            if len(self._schedules) >= 64:  # bounded, whatever callers pass
+                self._schedules.clear()
+            schedule = self._schedules[cache_key] = _Schedule(suite, suite.info_hash(info))
         if len(enc) != self._kem.enc_length:
             # Checked before any public-key work: an enc sized for another
             # KEM, or truncated, costs nothing (ECHClientHello.enc is
@@ -398,19 +426,41 @@ class RecipientKey:
             shared_secret = self._kem.decap(enc, self._private)
         except ValueError as error:  # wrong length, low-order point
             raise HPKEError("HPKE decapsulation failed") from error
-        # info is "tls ech" || 0 || ECHConfig: a constant per key and suite.
-        cache_key = (kdf_id, aead_id, info)
-        info_hash = self._info_hashes.get(cache_key)
-        if info_hash is None:
-            if len(self._info_hashes) >= 64:  # bounded, whatever callers pass
-                self._info_hashes.clear()
-            info_hash = self._info_hashes[cache_key] = suite.info_hash(info)
-        aead, nonce = _key_schedule(suite, shared_secret, info_hash)
+        aead, nonce = schedule.derive(shared_secret)
         return RecipientContext(aead, nonce)
 
     def __repr__(self) -> str:
         """Never show the private key."""
         return f"<RecipientKey kem=0x{self.kem_id:04x} public={hex_preview(self.public_key)}>"
+
+
+class _Schedule:
+    """The mode_base key schedule of one suite and info string, precomputed (RFC 9180 §5.1).
+
+    With psk_id and psk empty (mode_base) and info fixed, key_schedule_context
+    is a constant, and so are the two Expand inputs; only the shared secret
+    varies, so a setup costs three HMACs and the AEAD's key setup.
+    """
+
+    __slots__ = ("_aead", "_hash", "_key_info", "_key_length", "_nonce_info", "_secret_label")
+
+    def __init__(self, suite: _Suite, info_hash: bytes) -> None:
+        """Precompute the Expand inputs of ``suite`` for an info whose hash is ``info_hash``."""
+        context = b"\x00" + suite.psk_id_hash + info_hash  # mode_base
+        self._hash = suite.hash_name
+        self._aead = suite.aead
+        self._key_length = suite.key_length
+        self._secret_label = suite.secret_label
+        self._key_info = suite.key_label + context + b"\x01"
+        self._nonce_info = suite.nonce_label + context + b"\x01"
+
+    def derive(self, shared_secret: bytes) -> tuple[AESGCM | ChaCha20Poly1305, bytes]:
+        """KeySchedule's outputs for ``shared_secret``: the keyed AEAD and base_nonce."""
+        hash_name = self._hash
+        secret = _hmac(shared_secret, self._secret_label, hash_name)
+        key = _hmac(secret, self._key_info, hash_name)[: self._key_length]
+        nonce = _hmac(secret, self._nonce_info, hash_name)[:_NONCE_LENGTH]
+        return self._aead(key), nonce
 
 
 # -- sender ------------------------------------------------------------------------

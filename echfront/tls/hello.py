@@ -5,10 +5,17 @@ A :class:`ClientHello` keeps the exact body it was parsed from and the offset
 of every extension's data in it: the ECH AAD is computed over the bytes as
 received (RFC 9849 §5.2) and the payload is located by its parsed offset,
 never by searching for its value (checklist AAD-2, AAD-3).
+
+Why this module is long: it is the one place the hello wire format is
+written down, parsed (both hellos share the extension index) and encoded
+(the probe and the tests build hellos with the same helpers); splitting the
+encoders from the parser would put the two halves of each structure in
+different files.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -83,6 +90,12 @@ class Extension(NamedTuple):
 
 
 _TYPE_AND_LENGTH = struct.Struct(">HH").unpack_from
+
+
+@functools.lru_cache(maxsize=128)
+def _U16S(count: int) -> struct.Struct:
+    """A Struct reading ``count`` big-endian uint16 values."""
+    return struct.Struct(f">{count}H")
 
 
 def _scan_extensions(body: bytes, pos: int, end: int) -> tuple[list[int], list[int]]:
@@ -191,6 +204,14 @@ class _HelloBase:
         index = self._by_type.get(ext_type)
         return None if index is None else self._extension(index)
 
+    def extension_data(self, ext_type: int) -> bytes | None:
+        """The extension_data of ``ext_type`` as received, or None (no Extension built)."""
+        index = self._by_type.get(ext_type)
+        if index is None:
+            return None
+        bounds = self.extension_bounds
+        return self.body[bounds[index] + 4 : bounds[index + 1]]
+
     def raw_extension(self, ext_type: int) -> bytes | None:
         """The whole extension of ``ext_type`` (type, length, data) as received, or None."""
         index = self._by_type.get(ext_type)
@@ -278,6 +299,39 @@ class ClientHello(_HelloBase):
         self._set_index(types, bounds)
         return self
 
+    @classmethod
+    def assembled(
+        cls,
+        body: bytes,
+        *,
+        legacy_version: int,
+        random: bytes,
+        session_id: bytes,
+        cipher_suites: bytes,
+        compression_methods: bytes,
+        types: list[int],
+        bounds: list[int],
+    ) -> ClientHello:
+        """A ClientHello its builder assembled field by field (the ECH decoder's inner).
+
+        The builder has checked the fixed fields as :meth:`parse` would
+        (lengths, non-empty lists) while writing ``body``; only the
+        extension index is checked here: a repeated type is refused exactly
+        as :meth:`parse` refuses it.
+
+        :raises DecodeError: for a repeated extension type.
+        """
+        self = cls.__new__(cls)
+        self.body = body
+        self.legacy_version = legacy_version
+        self.random = random
+        self.session_id = session_id
+        self.cipher_suites = cipher_suites
+        self.compression_methods = compression_methods
+        self.extensions_offset = bounds[0]
+        self._set_index(types, bounds)
+        return self
+
     def _parse_fields(self, body: bytes) -> int | None:
         """Parse everything before the extensions; return where they start.
 
@@ -332,10 +386,9 @@ class ClientHello(_HelloBase):
         :raises DecodeError: for a malformed extension.
         :raises IllegalParameter: for a name that is not a host name.
         """
-        ext = self.get(EXT_SERVER_NAME)
-        if ext is None:
+        data = self.extension_data(EXT_SERVER_NAME)
+        if data is None:
             return None
-        data = ext.data
         if len(data) < 2 or (data[0] << 8) | data[1] != len(data) - 2 or len(data) == 2:
             raise DecodeError("bad server_name list length")
         pos = 2
@@ -360,10 +413,9 @@ class ClientHello(_HelloBase):
 
         :raises DecodeError: for a malformed extension or an empty name.
         """
-        ext = self.get(EXT_ALPN)
-        if ext is None:
+        data = self.extension_data(EXT_ALPN)
+        if data is None:
             return ()
-        data = ext.data
         if len(data) < 3 or (data[0] << 8) | data[1] != len(data) - 2:
             raise DecodeError("bad ALPN list length")
         names = []
@@ -382,13 +434,12 @@ class ClientHello(_HelloBase):
 
         :raises DecodeError: for a malformed extension.
         """
-        ext = self.get(EXT_SUPPORTED_VERSIONS)
-        if ext is None:
+        data = self.extension_data(EXT_SUPPORTED_VERSIONS)
+        if data is None:
             return None
-        data = ext.data
         if len(data) < 3 or data[0] != len(data) - 1 or data[0] % 2:
             raise DecodeError("bad supported_versions length")
-        return tuple((data[i] << 8) | data[i + 1] for i in range(1, len(data), 2))
+        return _U16S(data[0] // 2).unpack_from(data, 1)
 
     def offers_tls13_only(self) -> bool:
         """Whether supported_versions offers TLS 1.3 and nothing older.
@@ -399,8 +450,8 @@ class ClientHello(_HelloBase):
         versions = self.supported_versions()
         if not versions:
             return False
-        real = [v for v in versions if not is_grease(v)]
-        return TLS13 in real and all(v >= TLS13 for v in real)
+        real = [v for v in versions if (v & 0x0F0F) != 0x0A0A or (v >> 8) != (v & 0xFF)]
+        return TLS13 in real and min(real) >= TLS13
 
     @property
     def has_key_share(self) -> bool:
