@@ -323,12 +323,19 @@ class EtcdCluster:
         """Stop member ``index`` (SIGTERM to its PID, SIGKILL after 5 s); its data stays."""
         self._kill(self.members[index])
 
-    def start_member(self, index: int, timeout: float = START_TIMEOUT) -> None:
-        """Start member ``index`` again on its data directory and wait until it is healthy."""
+    def start_member(
+        self, index: int, timeout: float = START_TIMEOUT, *, wait: bool = True
+    ) -> None:
+        """Start member ``index`` again on its data directory and wait until it is healthy.
+
+        With ``wait=False`` it returns at once: a member alone cannot become
+        healthy, so start the others too, then :meth:`wait_healthy`.
+        """
         member = self.members[index]
         if member.process is None:
             self._spawn(member, new=False)
-        self._wait_member(member, time.monotonic() + timeout)
+        if wait:
+            self._wait_member(member, time.monotonic() + timeout)
 
     def pid(self, index: int) -> int | None:
         """Member ``index``'s PID while it runs."""

@@ -16,7 +16,11 @@ Retries back off from 0.1 s to 2 s and go to the next endpoint.
 a lease of ``ttl`` seconds and renewed every ``ttl``/3 seconds; a front
 that stops renewing (crash, partition) drops out when the lease expires.
 When a renewal finds the lease gone (the front was cut off longer than the
-TTL), it takes a new lease and writes its last report again.
+TTL), it takes a new lease and writes its last report again.  It keeps
+:attr:`EtcdMembership.expires`, the earliest time etcd may let the lease
+expire (when the last successful grant or renewal was *sent*, plus the TTL
+etcd answered), so a leader elected on that lease knows, from its own
+clock, when it must stop acting (:mod:`echfront.keys.etcdfleet`).
 """
 
 from __future__ import annotations
@@ -217,9 +221,11 @@ class EtcdMembership:
         self.loaded: frozenset[str] = frozenset()
         self.revision = 0
         self.reported = float(source.clock.seconds())
+        #: The earliest time (clock seconds) etcd may expire :attr:`lease`.
+        self.expires = 0.0
         self._loop = LoopingCall(self._renew)
         self._loop.clock = source.clock
-        self._renewing: Deferred[None] | None = None
+        self._renewing: Deferred[bool] | None = None
 
     def _value(self) -> bytes:
         document = {
@@ -235,36 +241,73 @@ class EtcdMembership:
         """Put the entry on the lease, taking a new lease when it is gone."""
         client = self.source.client
         if not self.lease:
-            self.lease = await client.grant(self.ttl)
+            await self._grant()
         try:
             await client.put(self.key, self._value(), self.lease)
         except EtcdError as error:
             if "lease not found" not in str(error):
                 raise
-            self.lease = await client.grant(self.ttl)
+            await self._grant()
             await client.put(self.key, self._value(), self.lease)
+
+    async def _grant(self) -> None:
+        sent = float(self.source.clock.seconds())
+        self.lease = await self.source.client.grant(self.ttl)
+        self.expires = sent + self.ttl
 
     async def start(self) -> None:
         """Register and start renewing."""
         await self._write()
         self._loop.start(self.ttl / 3, now=False)
 
-    def _renew(self) -> Deferred[None] | None:
-        if self._renewing is not None:
-            return None  # the previous renewal still waits for an answer
-        self._renewing = Deferred.fromCoroutine(self._keepalive())
-        self._renewing.addBoth(lambda result: setattr(self, "_renewing", None))
-        return None
+    def _renew(self) -> None:
+        # The timer's call: never waits, so a slow answer does not stop the loop.
+        if self._renewing is None:
+            self.renew()
 
-    async def _keepalive(self) -> None:
+    def renew(self) -> Deferred[bool]:
+        """Renew the lease now (or join the renewal under way); True when it was renewed.
+
+        A leader calls this before an action that must finish while it
+        holds its lease (a DNS publication), to start from a full TTL.
+        """
+        renewing = self._renewing
+        if renewing is None:
+            started = Deferred.fromCoroutine(self._keepalive())
+            if started.called:
+                return started
+            self._renewing = started
+
+            def done(result: bool) -> bool:
+                self._renewing = None
+                return result
+
+            started.addCallback(done)
+            return started
+        joined: Deferred[bool] = Deferred()
+
+        def pass_on(result: bool) -> bool:
+            joined.callback(result)
+            return result
+
+        renewing.addCallback(pass_on)
+        return joined
+
+    async def _keepalive(self) -> bool:
+        sent = float(self.source.clock.seconds())
+        lease = self.lease
         try:
-            remaining = await self.source.client.keepalive(self.lease)
+            remaining = await self.source.client.keepalive(lease)
             if remaining <= 0:
                 self.log.warn(
                     "etcd registration of {name} had lapsed; registering again", name=self.name
                 )
                 self.lease = 0
                 await self._write()
+                return False
+            if self.lease == lease:
+                self.expires = max(self.expires, sent + remaining)
+            return True
         except EtcdUnavailable as error:
             self.log.warn(
                 "etcd registration of {name} not renewed: {error}", name=self.name, error=str(error)
@@ -273,6 +316,7 @@ class EtcdMembership:
             self.log.error(
                 "etcd registration of {name} failed: {error}", name=self.name, error=str(error)
             )
+        return False
 
     async def _report(self, loaded: Iterable[str], revision: int) -> None:
         self.loaded = frozenset(loaded)
