@@ -26,6 +26,7 @@ from echfront._moved import moved_names
 from echfront.app import service as app_service
 from echfront.app.demo import default_state_dir, demo_config
 from echfront.app.workers import worker_index
+from echfront.config.endpoints import check_listen
 from echfront.config.schema import (
     DEFAULT_PUBLIC_FACTORY,
     BackendConfig,
@@ -96,6 +97,10 @@ class Options(usage.Options):
 
     def opt_listen(self, description: str) -> None:
         """Listen on ENDPOINT, e.g. tcp:8443:interface=127.0.0.1 (repeatable)."""
+        try:
+            check_listen(description, "--listen")
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
         self["listen"].append(description)
 
     def opt_ech_key(self, path: str) -> None:
@@ -154,9 +159,13 @@ def _file_and_flags(options: Options) -> Config:
     if options["routes"]:
         backends = dict(config.backends)
         routes = list(config.routes)
-        for name, endpoint in options["routes"]:
-            # A name no [backends.X] table can have (TOML bare keys have no ':').
-            backend = f"route:{name}"
+        for number, (name, endpoint) in enumerate(options["routes"], 1):
+            # Named by position, never by the routed name: backend names are
+            # logged and are metric labels, and server names never are.
+            # ('#' needs a quoted key in TOML, so a file rarely has it.)
+            backend = f"route#{number}"
+            if backend in backends:
+                raise ConfigError(f"--route: the file already has a backend named {backend!r}")
             backends[backend] = BackendConfig(backend, endpoint)
             routes.append(RouteConfig(name, f"backend:{backend}"))
         config = replace(config, backends=backends, routes=tuple(routes))

@@ -16,6 +16,8 @@ the idle sweep and the timeouts, each counted in
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -23,7 +25,8 @@ from twisted.internet.interfaces import IAddress
 
 from echfront.ech.decoder import ECHStatus
 from echfront.errors import AlertDescription
-from echfront.front.limits import AddressLimits, address_key
+from echfront.front import limits as limits_module
+from echfront.front.limits import DEMAND_HORIZON, DEMAND_SECONDS, AddressLimits, address_key
 from echfront.front.protocol import FrontFactory, FrontProtocol
 from echfront.front.state import FrontSettings
 from echfront.targets import Backend
@@ -236,6 +239,170 @@ def test_tracked_counts_addresses_once() -> None:
     limits.take_hpke("a", 1.0, 2.0)
     limits.take_hpke("b", 1.0, 2.0)
     assert limits.tracked == 2
+
+
+# -- fair shares under saturation (a fake clock) -------------------------------------
+
+SATURATION = 10
+
+
+def saturate(limits: AddressLimits, count: int = SATURATION + 1) -> None:
+    """Hold ``count`` unfinished first flights without a key (saturated past 10)."""
+    for _ in range(count):
+        limits.start_first_flight("", 0)
+
+
+def arrive(limits: AddressLimits, key: str, times: int) -> None:
+    for _ in range(times):
+        limits.arrive(key)
+
+
+def light_addresses(limits: AddressLimits, count: int = 20, times: int = 1) -> list[str]:
+    keys = [f"198.51.100.{i}" for i in range(1, count + 1)]
+    for key in keys:
+        arrive(limits, key, times)
+    return keys
+
+
+def test_nothing_is_shed_while_the_front_keeps_up() -> None:
+    limits = AddressLimits(FakeClock())
+    light_addresses(limits)
+    arrive(limits, "flood", 10_000)
+    saturate(limits, SATURATION)  # at the threshold, not past it
+    assert not limits.shed("flood", SATURATION)
+    assert limits.admit("flood", cap=0, saturation=SATURATION) == ""
+
+
+def test_a_single_address_is_never_shed() -> None:
+    limits = AddressLimits(FakeClock())
+    arrive(limits, "load-test", 100_000)
+    saturate(limits, 10 * SATURATION)
+    assert not limits.shed("load-test", SATURATION)
+    assert all(limits.admit("load-test", cap=0, saturation=SATURATION) == "" for _ in range(500))
+
+
+def test_a_flood_is_shed_and_the_light_addresses_are_not() -> None:
+    limits = AddressLimits(FakeClock())
+    light = light_addresses(limits, times=3)
+    arrive(limits, "flood", 200)
+    saturate(limits)
+    assert limits.admit("flood", cap=0, saturation=SATURATION) == "fair_share"
+    for key in light:
+        assert limits.admit(key, cap=0, saturation=SATURATION) == ""
+    # However deep the saturation: twice the others' mean protects them.
+    saturate(limits, 1000)
+    assert all(not limits.shed(key, SATURATION) for key in light)
+    assert limits.shed("flood", SATURATION)
+    # Shed attempts count as demand: the flood stays the heaviest.
+    before = limits.demand("flood")
+    limits.admit("flood", cap=0, saturation=SATURATION)
+    assert limits.demand("flood") > before
+
+
+def test_addresses_asking_alike_are_not_shed() -> None:
+    limits = AddressLimits(FakeClock())
+    arrive(limits, "a", 100)
+    arrive(limits, "b", 100)
+    arrive(limits, "c", 90)
+    saturate(limits, 1000)
+    assert not any(limits.shed(key, SATURATION) for key in "abc")
+
+
+def test_two_addresses_the_heavier_far_beyond_the_other_is_shed() -> None:
+    limits = AddressLimits(FakeClock())
+    arrive(limits, "flood", 100)
+    arrive(limits, "client", 5)
+    saturate(limits)
+    assert limits.shed("flood", SATURATION)
+    assert not limits.shed("client", SATURATION)
+
+
+def test_the_heaviest_first_then_deeper_as_the_queue_grows() -> None:
+    limits = AddressLimits(FakeClock())
+    light = light_addresses(limits, times=2)
+    arrive(limits, "heaviest", 100)
+    arrive(limits, "heavy", 40)
+    # Just past the threshold: only the heaviest.
+    saturate(limits)
+    assert limits.shed("heaviest", SATURATION)
+    assert not limits.shed("heavy", SATURATION)
+    # At 2.5 times the threshold, addresses asking 40% of the heaviest too.
+    saturate(limits, 25 - limits.pending)
+    assert limits.pending == 25
+    assert limits.shed("heavy", SATURATION)
+    assert not any(limits.shed(key, SATURATION) for key in light)
+    # Finished first flights bring the front back below the threshold.
+    for _ in range(limits.pending - SATURATION):
+        limits.end_first_flight("")
+    assert not limits.shed("heaviest", SATURATION)
+
+
+def test_demand_decays_and_quiet_addresses_are_forgotten() -> None:
+    clock = FakeClock()
+    limits = AddressLimits(clock)
+    arrive(limits, "flood", 200)
+    assert limits.demand("flood") == pytest.approx(200)
+    clock.now += DEMAND_SECONDS
+    assert limits.demand("flood") == pytest.approx(200 / math.e)
+    light = light_addresses(limits, times=3)
+    saturate(limits)
+    assert limits.shed("flood", SATURATION)
+    # The flood stops; the others go on, and after a while it is one of them.
+    for _ in range(5):
+        clock.now += 1.0
+        for key in light:
+            arrive(limits, key, 2)
+    assert limits.active == 21
+    assert not limits.shed("flood", SATURATION)
+    # Quiet for DEMAND_HORIZON: forgotten altogether.
+    clock.now += DEMAND_HORIZON - 5 - DEMAND_SECONDS + 0.001
+    limits.arrive("newcomer")
+    assert limits.active == 21  # the flood out, the newcomer in
+    assert limits.demand("flood") == 0.0
+
+
+def test_long_runs_keep_exact_demand() -> None:
+    # An arrival every 0.25 s for 10 minutes: the weights are rebased many
+    # times; the decayed sum must still be the closed form's.
+    clock = FakeClock()
+    limits = AddressLimits(clock)
+    for _ in range(2400):
+        clock.now += 0.25
+        limits.arrive("steady")
+    expected = 1 / (1 - math.exp(-0.25 / DEMAND_SECONDS))
+    assert limits.demand("steady") == pytest.approx(expected, rel=1e-9)
+    assert math.isfinite(limits._demand_total)
+
+
+def test_tracked_demand_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits_module, "MAX_TRACKED", 50)
+    limits = AddressLimits(FakeClock())
+    for i in range(500):
+        limits.arrive(f"10.0.{i // 256}.{i % 256}")
+    assert limits.active == 50
+    # The least recently seen went first; the sum is that of what is left.
+    assert limits.demand("10.0.0.0") == 0.0
+    assert limits._demand_total == pytest.approx(50)
+
+
+def test_the_hard_cap_applies_whether_saturated_or_not() -> None:
+    limits = AddressLimits(FakeClock())
+    assert limits.admit("a", cap=2, saturation=SATURATION) == ""
+    assert limits.admit("a", cap=2, saturation=SATURATION) == ""
+    assert limits.admit("a", cap=2, saturation=SATURATION) == "first_flights_per_address"
+    assert limits.first_flights("a") == 2
+    assert limits.pending == 2
+    # Without a key nothing is capped or shed, but the queue counts it.
+    assert limits.admit("", cap=1, saturation=1) == ""
+    assert limits.pending == 3
+
+
+def test_an_extra_end_never_makes_the_queue_negative() -> None:
+    limits = AddressLimits(FakeClock())
+    limits.start_first_flight("", 0)
+    limits.end_first_flight("")
+    limits.end_first_flight("")
+    assert limits.pending == 0
 
 
 # -- the front enforcing them ------------------------------------------------------
@@ -693,3 +860,76 @@ class TimeoutLimitTests(LimitTestCase):
             ),
             1,
         )
+
+
+class FairShareTests(LimitTestCase):
+    """Shedding only while saturated, the heaviest address first (saturation_first_flights)."""
+
+    LIGHT = tuple(IPv4Address("TCP", f"198.51.100.{i}", 40000 + i) for i in range(1, 4))
+    FLOOD = IPv4Address("TCP", "203.0.113.66", 50000)
+
+    def test_the_defaults_cap_no_address(self) -> None:
+        settings = FrontSettings()
+        self.assertEqual(settings.max_first_flights_per_address, 0)
+        self.assertEqual(settings.hpke_rate, 0)
+        self.assertEqual(settings.saturation_first_flights, 256)
+
+    def test_a_flood_is_shed_at_accept_while_saturated(self) -> None:
+        factory = self.factory_with(saturation_first_flights=4)
+        for address in self.LIGHT:
+            self.accept(factory, address)
+        # Not saturated yet: the flood's first connections are served.
+        self.accept(factory, self.FLOOD)
+        self.accept(factory, self.FLOOD)
+        self.assertEqual(factory.limits.pending, 5)
+        # Now it is, and the flood asks three times the others' mean.
+        self.assertIsNone(factory.buildProtocol(self.FLOOD))
+        self.assertEqual(self.limited(factory, "fair_share"), 1)
+        # Light addresses, old or new, are still served.
+        self.accept(factory, self.LIGHT[0])
+        self.accept(factory, IPv4Address("TCP", "198.51.100.99", 40099))
+        self.assertIsNone(factory.buildProtocol(self.FLOOD))
+        self.assertEqual(self.limited(factory, "fair_share"), 2)
+
+    def test_a_decryption_is_shed_while_saturated(self) -> None:
+        factory = self.factory_with(saturation_first_flights=4)
+        flood = [self.accept(factory, self.FLOOD) for _ in range(3)]
+        light = [self.accept(factory, address) for address in self.LIGHT]
+        self.assertEqual(factory.limits.pending, 6)
+        # A flood connection accepted before saturation sends its hello now
+        # (its first flight done, 5 are left unfinished: still saturated).
+        pipe, front, client = flood[0]
+        pipe.client.write(seal_hello(KEY.config).records)
+        self.net.flush()
+        self.assertEqual(bytes(client.data), HANDSHAKE_FAILURE_RECORD)
+        self.assertEqual(front.record.limit, "hpke_fair_share")
+        self.assertEqual(self.limited(factory, "hpke_fair_share"), 1)
+        # A light address's hello is decrypted and relayed.
+        pipe, front, client = light[0]
+        pipe.client.write(seal_hello(KEY.config).records)
+        self.net.flush()
+        assert front.record.hello is not None
+        self.assertIs(front.record.hello.status, ECHStatus.ACCEPTED)
+        self.assertEqual(bytes(client.data), b"")
+
+    def test_one_address_alone_is_served_at_full_speed(self) -> None:
+        factory = self.factory_with(saturation_first_flights=4)
+        opened = [self.accept(factory) for _ in range(50)]
+        self.assertEqual(factory.limits.pending, 50)
+        for pipe, _front, _client in opened:
+            pipe.client.write(seal_hello(KEY.config).records)
+        self.net.flush()
+        for _pipe, front, client in opened:
+            assert front.record.hello is not None
+            self.assertIs(front.record.hello.status, ECHStatus.ACCEPTED)
+            self.assertEqual(bytes(client.data), b"")
+        self.assertEqual(self.limited(factory, "fair_share"), 0)
+        self.assertEqual(self.limited(factory, "hpke_fair_share"), 0)
+
+    def test_zero_turns_shedding_off(self) -> None:
+        factory = self.factory_with(saturation_first_flights=0)
+        for address in self.LIGHT:
+            self.accept(factory, address)
+        for _ in range(20):
+            self.accept(factory, self.FLOOD)
+        self.assertEqual(self.limited(factory, "fair_share"), 0)

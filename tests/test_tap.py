@@ -232,9 +232,9 @@ def test_flags_override_and_extend_the_file(tmp_path: Path, files: dict[str, Pat
     # routes: the flags come after the file's, each with its own backend.
     assert [(r.name, r.target) for r in config.routes] == [
         (SECRET_NAME, "backend:app"),
-        ("new.example", "backend:route:new.example"),
+        ("new.example", "backend:route#1"),
     ]
-    assert config.backends["route:new.example"].endpoint == "tcp:10.0.0.9:443"
+    assert config.backends["route#1"].endpoint == "tcp:10.0.0.9:443"
     assert config.backends["app"].endpoint == f"tcp:127.0.0.1:{BACKEND_PORT}"
     # --metrics over [metrics] listen.
     assert config.metrics_listen == "tcp:9100"
@@ -248,10 +248,10 @@ def test_flags_without_a_file() -> None:
     assert config.listen == ("tcp:1",)
     assert config.source is None
     assert [(r.name, r.target) for r in config.routes] == [
-        ("a.example", "backend:route:a.example"),
-        ("b.example", "backend:route:b.example"),
+        ("a.example", "backend:route#1"),
+        ("b.example", "backend:route#2"),
     ]
-    assert config.backends["route:b.example"].endpoint == "tcp:h:2"
+    assert config.backends["route#2"].endpoint == "tcp:h:2"
     assert config.default == Config().default
 
 
@@ -311,7 +311,8 @@ def test_make_service_for_a_file(tmp_path: Path, files: dict[str, Path]) -> None
         ports = sorted((port, interface) for port, _f, _b, interface in reactor.tcpServers)
         assert ports == [(8443, "127.0.0.1"), (9100, "")]
         factories: dict[int, object] = {port: f for port, f, _b, _i in reactor.tcpServers}
-        assert factories[8443] is service.factory
+        # Every listener builds through the front's factory (ListenerFactory).
+        assert getattr(factories[8443], "front", None) is service.factory
         assert isinstance(factories[9100], QuietSite)
     finally:
         service.stopService()

@@ -19,7 +19,8 @@ configuration:
   settings (its state is in the key directory, so nothing is lost), then
   the new schedule checks at once.  Adding ``rotate`` starts a schedule,
   removing it stops the schedule;
-* ``listen`` and ``[metrics] listen``: only on restart (a warning says so).
+* ``listen``, ``[proxy] listen`` and ``[metrics] listen``: only on
+  restart (a warning says so); ``[proxy] from`` applies to new connections.
 
 With ``--workers``, SIGHUP to the supervisor first checks the configuration
 and applies ``[keys]``/``[publish]`` there (where rotation runs); only if
@@ -46,7 +47,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from echfront.app.workers import Supervisor, shared_listeners, worker_listen
-from echfront.config.build import build_publisher, build_state, listen_endpoints, load_tsig_key
+from echfront.config.build import (
+    build_publisher,
+    build_state,
+    listen_endpoints,
+    listen_plan,
+    load_tsig_key,
+    proxy_listen_endpoints,
+)
 from echfront.config.schema import Config, PublishConfig
 from echfront.dns.rfc2136 import TSIGKey
 from echfront.ech.keyset import KeySet
@@ -216,8 +224,8 @@ class FrontService(MultiService):
         self._watcher: LoopingCall | None = None
         self._previous_hup: Any = None
         if worker is None:
-            for endpoint in listen_endpoints(self.config, reactor):
-                StreamServerEndpointService(endpoint, self.factory).setServiceParent(self)
+            for endpoint, factory in self._listeners(reactor):
+                StreamServerEndpointService(endpoint, factory).setServiceParent(self)
             if self.config.metrics_listen:
                 metrics_service(
                     self.config.metrics_listen, self.metrics.registry, reactor
@@ -228,6 +236,18 @@ class FrontService(MultiService):
                 reactor, self, on_change=self.reload, publications=self.metrics.key_publications
             )
             self.rotation.apply(self.rotation.prepare(self.config))
+
+    def _listeners(self, reactor: Any) -> list[tuple[Any, Any]]:
+        """Each listening endpoint with the factory it listens with.
+
+        Every endpoint listens through the front factory's
+        :meth:`~echfront.front.protocol.FrontFactory.listener`, which closes
+        refused sockets whatever the endpoint's kind; ``[proxy] listen``
+        endpoints read a balancer's PROXY header first.
+        """
+        plain = [(e, self.factory.listener()) for e in listen_endpoints(self.config, reactor)]
+        proxied = self.factory.listener(proxied=True)
+        return plain + [(e, proxied) for e in proxy_listen_endpoints(self.config, reactor)]
 
     def current_keys(self) -> KeySet:
         """The key set new connections are decrypted with."""
@@ -255,8 +275,10 @@ class FrontService(MultiService):
                 error=str(error),
             )
             return False
-        if config.listen != self.config.listen or config.metrics_listen != (
-            self.config.metrics_listen
+        if (
+            config.listen != self.config.listen
+            or config.proxy_listen != self.config.proxy_listen
+            or config.metrics_listen != self.config.metrics_listen
         ):
             self.log.warn("listen and metrics endpoints change only on restart")
         self.config = config
@@ -298,8 +320,9 @@ class FrontService(MultiService):
     def startService(self) -> None:
         """Listen, and start watching for SIGHUP and file changes."""
         if self.worker is not None:
-            for index, description in enumerate(self.config.listen):
-                self._ports.append(worker_listen(self.reactor, index, description, self.factory))
+            for index, (description, proxied) in enumerate(listen_plan(self.config)):
+                factory = self.factory.listener(proxied=proxied)
+                self._ports.append(worker_listen(self.reactor, index, description, factory))
         super().startService()  # type: ignore[no-untyped-call]
         if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
@@ -383,7 +406,7 @@ def supervisor_service(
         reactor,
         argv=argv,
         count=count,
-        listeners=shared_listeners(config.listen),
+        listeners=shared_listeners([description for description, _ in listen_plan(config)]),
         grace=config.settings.shutdown_grace,
     )
     parent = MultiService()

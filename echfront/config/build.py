@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from zope.interface.interface import InterfaceClass
 
-from echfront.config.endpoints import tcp_client_address
+from echfront.config.endpoints import default_backlog, tcp_client_address, with_backlog
 from echfront.config.schema import ALERTS, Config, LocalConfig, PublishConfig
 from echfront.dns.command import CommandPublisher
 from echfront.dns.rfc2136 import TSIG_ALGORITHMS, RFC2136Publisher, TSIGKey, parse_tsig_secret_file
@@ -49,9 +49,11 @@ __all__ = [
     "build_publisher",
     "build_state",
     "listen_endpoints",
+    "listen_plan",
     "load_key_set",
     "load_tsig_key",
     "padding_warning",
+    "proxy_listen_endpoints",
     "resolve_dotted",
 ]
 
@@ -263,17 +265,40 @@ def listen_endpoints(config: Config, reactor: Any) -> list[Any]:
 
     :raises ConfigError: naming the bad endpoint string or ``[exit]`` file.
     """
-    endpoints = []
-    for description in config.listen:
-        try:
-            endpoints.append(serverFromString(reactor, description))
-        except Exception as error:
-            raise ConfigError(f"listen: {description!r}: {error}") from None
+    endpoints = [_server_endpoint(reactor, description, "listen") for description in config.listen]
     if config.exit is not None:
         link = config.exit
         options = exit_tls_options(link.cert, link.key, link.client_ca)
         endpoints = [ExitListenEndpoint(endpoint, options, reactor) for endpoint in endpoints]
     return endpoints
+
+
+def listen_plan(config: Config) -> list[tuple[str, bool]]:
+    """Every listen entry as workers open it: (description, whether PROXY headers come).
+
+    ``listen`` first, then ``[proxy] listen``; each with the default backlog
+    unless it sets one.
+    """
+    backlog = default_backlog()
+    return [(with_backlog(d, backlog), False) for d in config.listen] + [
+        (with_backlog(d, backlog), True) for d in config.proxy_listen
+    ]
+
+
+def proxy_listen_endpoints(config: Config, reactor: Any) -> list[Any]:
+    """Server endpoints for ``[proxy] listen`` (balancers; a PROXY header comes first).
+
+    :raises ConfigError: naming the bad endpoint string.
+    """
+    return [_server_endpoint(reactor, d, "proxy.listen") for d in config.proxy_listen]
+
+
+def _server_endpoint(reactor: Any, description: str, where: str) -> Any:
+    """A server endpoint, with a backlog fit for a front unless the string sets one."""
+    try:
+        return serverFromString(reactor, with_backlog(description, default_backlog()))
+    except Exception as error:  # Twisted raises ValueError, KeyError, TypeError...
+        raise ConfigError(f"{where}: {description!r}: {error}") from None
 
 
 def load_tsig_key(publish: PublishConfig) -> TSIGKey:

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import dns.exception
 import dns.name
 
+from echfront.config.endpoints import check_listen
 from echfront.dns.rfc2136 import DEFAULT_TTL, TSIG_ALGORITHMS
 from echfront.dns.svcb import validate_alpn_id
 from echfront.dns.verify import DEFAULT_TIMEOUT, DNSServer, absolute_name
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN = "tcp:443"
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_PUBLIC_FACTORY = "echfront.web:public_service"
 #: ``reject:NAME`` targets: the alerts the front sends, by name.
 ALERTS = {a.name.lower(): a for a in AlertDescription}
@@ -150,6 +152,10 @@ class Config:
     """A validated configuration (see docs/configuration.rst)."""
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    #: Endpoints whose connections come from balancers and start with a
+    #: PROXY header (``[proxy] listen``); who may send one is
+    #: ``settings.proxy_from``.
+    proxy_listen: tuple[str, ...] = ()
     keys: tuple[KeyFileConfig, ...] = ()
     public_name: str | None = None
     public: LocalConfig | None = None
@@ -301,6 +307,7 @@ class _Section:
 
 _TOP = (
     "listen",
+    "proxy",
     "public_name",
     "default",
     "ech",
@@ -329,7 +336,15 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     :raises ConfigError: one line naming the key and the problem.
     """
     top = _Section(data, "", _TOP)
-    listen = top.strings("listen") or (DEFAULT_LISTEN,)
+    proxy_listen, proxy_from = _proxy_section(
+        _Section(top.table("proxy"), "proxy", ("listen", "from"))
+    )
+    listen = top.strings("listen")
+    if listen is None or not (listen or proxy_listen):
+        # An empty list means the default, unless [proxy] listen serves.
+        listen = (DEFAULT_LISTEN,)
+    for description in listen:
+        check_listen(description, "listen")
     public_name = top.get("public_name", str)
     if public_name is not None:
         try:
@@ -360,6 +375,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
             "max_first_flights_per_address",
             "hpke_rate",
             "hpke_burst",
+            "saturation_first_flights",
             "shutdown_grace",
         ),
     )
@@ -367,6 +383,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         limits,
         _Section(top.table("log"), "log", ("server_names",)),
         _Section(top.table("relay"), "relay", ("splice",)),
+        proxy_from,
     )
 
     public = None
@@ -420,6 +437,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         raise ConfigError("exit: serves in one process; set workers = 1")
     return Config(
         listen=listen,
+        proxy_listen=proxy_listen,
         keys=tuple(keys),
         public_name=public_name,
         public=public,
@@ -445,16 +463,41 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     )
 
 
-def _settings(limits: _Section, log: _Section, relay: _Section) -> FrontSettings:
+def _proxy_section(section: _Section) -> tuple[tuple[str, ...], tuple[_Network, ...]]:
+    """``[proxy]``: endpoints behind balancers, and the balancers' networks.
+
+    A PROXY header from any other peer would be a spoofed address, so
+    ``listen`` needs ``from``; ``from`` alone would accept nothing.
+    """
+    listen = section.strings("listen") or ()
+    for description in listen:
+        check_listen(description, "proxy.listen")
+    networks = []
+    for text in section.strings("from") or ():
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as error:
+            raise ConfigError(f"proxy.from: {text!r} is not a network ({error})") from None
+    if listen and not networks:
+        raise ConfigError("proxy.from: required with proxy.listen (the balancers' networks)")
+    if networks and not listen:
+        raise ConfigError("proxy.listen: required with proxy.from (where balancers connect)")
+    return listen, tuple(networks)
+
+
+def _settings(
+    limits: _Section, log: _Section, relay: _Section, proxy_from: tuple[_Network, ...] = ()
+) -> FrontSettings:
     """``[limits]``, ``[log]`` and ``[relay]``; defaults from :class:`FrontSettings`."""
     default = FrontSettings()
     max_flight = limits.get("max_first_flight", int, default.max_first_flight)
     if not 512 <= max_flight <= 1024 * 1024:
         raise ConfigError("limits.max_first_flight: must be 512..1048576 bytes")
     hpke_rate = limits.non_negative("hpke_rate", default.hpke_rate)
-    # Unset, the burst follows the rate: twice it, as the defaults are.
-    burst_per_rate = default.hpke_burst / default.hpke_rate
-    hpke_burst = limits.non_negative("hpke_burst", max(hpke_rate * burst_per_rate, 1.0))
+    # Unset, the burst is twice a rate the file sets (else the dataclass's).
+    rate_set = "hpke_rate" in limits.data and hpke_rate
+    burst = max(hpke_rate * 2, 1.0) if rate_set else default.hpke_burst
+    hpke_burst = limits.non_negative("hpke_burst", burst)
     if hpke_rate and hpke_burst < 1:
         raise ConfigError("limits.hpke_burst: must be at least 1 when hpke_rate is set")
     return FrontSettings(
@@ -468,6 +511,10 @@ def _settings(limits: _Section, log: _Section, relay: _Section) -> FrontSettings
         ),
         hpke_rate=hpke_rate,
         hpke_burst=hpke_burst,
+        saturation_first_flights=limits.count(
+            "saturation_first_flights", default.saturation_first_flights
+        ),
+        proxy_from=proxy_from,
         log_server_names=log.get("server_names", bool, default.log_server_names),
         shutdown_grace=limits.non_negative("shutdown_grace", default.shutdown_grace),
         splice=relay.get("splice", bool, default.splice),

@@ -42,6 +42,7 @@ __all__ = [
     "ConnectionRecord",
     "Handler",
     "StreamTransport",
+    "client_endpoints",
     "connection_event_fields",
     "format_address",
 ]
@@ -73,6 +74,9 @@ class ConnectionRecord:
     :ivar started: the reactor's seconds at accept.
     :ivar address: the client address as limits account it.
     :ivar limit: the limit that closed the connection, if one did.
+    :ivar proxied: the client's address and the address it connected to, as
+        a balancer's PROXY header told them; None when the transport's own
+        endpoints are the client's (see :func:`client_endpoints`).
     """
 
     started: float
@@ -88,6 +92,7 @@ class ConnectionRecord:
     bytes_from_client: int = 0
     bytes_to_client: int = 0
     zero_copy: bool = False
+    proxied: tuple[IAddress, IAddress] | None = None
 
     @property
     def ech(self) -> str:
@@ -142,6 +147,18 @@ class Handler(Protocol):
 
     def abort(self) -> None:
         """The front is dropping the connection: release the handler's side at once."""
+
+
+def client_endpoints(client: ClientSide) -> tuple[IAddress, IAddress]:
+    """The client's address and the address it connected to, as the front knows them.
+
+    Behind a balancer that sends a PROXY header, the header's; otherwise
+    the transport's peer and host.
+    """
+    proxied = client.record.proxied
+    if proxied is not None:
+        return proxied
+    return client.transport.getPeer(), client.transport.getHost()
 
 
 def format_address(address: object) -> str:

@@ -15,6 +15,14 @@ is the handlers' :class:`~echfront.front.connection.ClientSide`, and gives
 each handler what it uses (reactor, metrics, settings, the pending bytes)
 as arguments.  What a connection is decided with is one immutable
 :class:`~echfront.front.state.FrontState`, which a reload replaces.
+
+Why this module is long: it is one connection's life from accept
+to close (admission, a balancer's PROXY header, the first flight, routing,
+deadlines) and the factory that accounts for all of them; the phases share
+private state (the deadline, held bytes, the unfinished-first-flight
+count) that a split would have to expose.  What does not need that state
+lives beside it: :mod:`~echfront.front.accept`, :mod:`~echfront.front.limits`,
+:mod:`~echfront.front.proxyproto`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echfront.errors import AlertDescription, AlertError, InternalError, alert_record
+from echfront.front.accept import ListenerFactory, proxied_addresses, trusted
 from echfront.front.connection import (
     ConnectionRecord,
     format_address,
@@ -40,6 +49,7 @@ from echfront.front.exitlink import trusted_link
 from echfront.front.limits import AddressLimits, address_key
 from echfront.front.local import LocalHandoff
 from echfront.front.metrics import Metrics
+from echfront.front.proxyproto import ProxyHeaderError, ProxyHeaderReader
 from echfront.front.relay import Relay
 from echfront.targets import Backend, Local, Reject, Route
 from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO
@@ -50,6 +60,7 @@ if TYPE_CHECKING:
 
     from echfront.ech.decoder import ClientHelloInfo
     from echfront.front.connection import ClientSide, Handler, StreamTransport
+    from echfront.front.proxyproto import ProxyHeader
     from echfront.front.state import FrontState
 
 __all__ = ["FrontFactory", "FrontProtocol", "log_connection"]
@@ -76,13 +87,16 @@ class FrontProtocol(Protocol):
 
     :param state: what the connection is decided with.
     :param reactor: for the deadlines, and handed to the handler.
+    :param proxied: the connection comes from a balancer on a ``[proxy]
+        listen`` endpoint and starts with a PROXY header, read (within the
+        first-flight deadline and size) before the ClientHello.
     """
 
     factory: FrontFactory
     transport: StreamTransport  # type: ignore[assignment]
     log = Logger()
 
-    def __init__(self, state: FrontState, reactor: IReactorTime) -> None:
+    def __init__(self, state: FrontState, reactor: IReactorTime, *, proxied: bool = False) -> None:
         """Serve one connection under ``state``."""
         self.state = state
         self.reactor = reactor
@@ -97,6 +111,13 @@ class FrontProtocol(Protocol):
         self._held_bytes = 0
         self._handler: Handler | None = None
         self._closed = False
+        #: Set by close(): a close waiting for its bytes to leave keeps a deadline.
+        self._closing = False
+        proxy_reader = ProxyHeaderReader(state.settings.max_first_flight) if proxied else None
+        self._proxy_reader = proxy_reader
+        #: The key this connection's unfinished first flight is counted
+        #: under by the factory's limits; None once it is not counted.
+        self.pending_key: str | None = None
         #: Idle sweep bookkeeping: bytes seen at the last sweep, and sweeps since.
         self.seen_activity = -1
         self.quiet_sweeps = 0
@@ -107,6 +128,31 @@ class FrontProtocol(Protocol):
         """Start the first-flight deadline."""
         self.record.peer = format_address(self.transport.getPeer())
         self._start_timer(self.state.settings.first_flight_timeout, "first flight timeout")
+        if self._proxy_reader is not None:
+            self.dataReceived = self._read_proxy_header  # type: ignore[method-assign]
+
+    def _read_proxy_header(self, data: bytes) -> None:
+        """Read a balancer's PROXY header, then go on with the first flight.
+
+        The header's bytes are consumed here, before the ClientHello; the
+        connection is the client's own from then on (half-close, splice).
+        A connection without a valid header is dropped, with no alert: its
+        peer is a balancer, not a TLS client.
+        """
+        reader = self._proxy_reader
+        assert reader is not None
+        try:
+            done = reader.feed(data)
+        except ProxyHeaderError as error:
+            self.abort(str(error), limit="proxy_header")
+            return
+        if done is None:
+            return
+        header, rest = done
+        self._proxy_reader = None
+        del self.dataReceived  # the class's first-flight reader from here on
+        if self.factory.proxy_header_read(self, header) and rest:
+            self.dataReceived(rest)
 
     def dataReceived(self, data: bytes) -> None:
         """Feed the first-flight reader; decode and route once it is complete."""
@@ -136,7 +182,7 @@ class FrontProtocol(Protocol):
         self.record.hello = info.summary
         self._start_timer(self.state.settings.handshake_timeout, "handshake timeout")
         try:
-            route = self.state.router.route(info, self.transport.getPeer())
+            route = self.state.router.route(info, self._client_address())
         except Exception:
             self.log.failure("router failed")
             self.fail(InternalError("router failed"))
@@ -149,12 +195,21 @@ class FrontProtocol(Protocol):
     def _may_decrypt(self) -> bool:
         """The decoder asks before spending an HPKE operation (RFC 9849 §10.4)."""
         settings = self.state.settings
-        allowed = self.factory.limits.take_hpke(
-            self.record.address, settings.hpke_rate, settings.hpke_burst
-        )
-        if not allowed:
+        limits = self.factory.limits
+        key = self.record.address
+        if not limits.take_hpke(key, settings.hpke_rate, settings.hpke_burst):
             self.record.limit = "hpke_rate"
-        return allowed
+            return False
+        if limits.shed(key, settings.saturation_first_flights):
+            # Saturated, and this address asks far beyond its share.
+            self.record.limit = "hpke_fair_share"
+            return False
+        return True
+
+    def _client_address(self) -> IAddress:
+        """The client's address: a balancer's PROXY header's, or the transport's peer."""
+        proxied = self.record.proxied
+        return proxied[0] if proxied is not None else self.transport.getPeer()
 
     def _hold(self, data: bytes) -> None:
         """Keep bytes that arrive before the handler reads, within the flight bound."""
@@ -248,10 +303,18 @@ class FrontProtocol(Protocol):
         self.close()
 
     def close(self) -> None:
-        """Close after the written bytes are flushed; the backend too, if any."""
+        """Close after the written bytes are flushed; the backend too, if any.
+
+        A client that never reads could keep the socket open forever; the
+        close gets a deadline (the running one, else a first-flight timeout).
+        """
         if self._handler is not None:
             self._handler.abort()
         self.transport.loseConnection()
+        if not self._closing and not self._closed:
+            self._closing = True
+            if self._timer is None:
+                self._start_timer(self.state.settings.first_flight_timeout, "close timeout")
 
     def abort(self, reason: str, *, limit: str = "") -> None:
         """Drop the connection at once (timeouts, abuse): nothing more is sent."""
@@ -276,7 +339,7 @@ class FrontProtocol(Protocol):
 
     def _timed_out(self, reason: str) -> None:
         self._timer = None
-        if self.handed_off:
+        if self.handed_off and not self._closing:
             return  # the handshake finished just in time
         self.abort(reason, limit=reason.replace(" ", "_"))
 
@@ -313,7 +376,8 @@ class FrontFactory(Factory):
     :ivar reactor: for every timer (a test passes a MemoryReactorClock), and
         for backend connects.
     :ivar metrics: the front's metrics.
-    :ivar limits: per-address first flights and HPKE buckets (survive reloads).
+    :ivar limits: unfinished first flights, per-address demand and HPKE
+        buckets (:mod:`echfront.front.limits`; they survive reloads).
     :ivar connections: the open connections.
     """
 
@@ -340,27 +404,97 @@ class FrontFactory(Factory):
         return len(self.connections)
 
     def buildProtocol(self, addr: IAddress) -> FrontProtocol | None:  # type: ignore[override]
-        """Build a protocol bound to the current state, or None to refuse at once."""
+        """Build a protocol bound to the current state, or None to refuse at once.
+
+        Listeners use :meth:`listener`, which closes refused sockets on any
+        kind of endpoint.
+        """
+        return self.build(addr, proxied=False)
+
+    def listener(self, *, proxied: bool = False) -> ListenerFactory:
+        """The factory an endpoint listens with (``proxied``: a ``[proxy] listen`` one)."""
+        return ListenerFactory(self, proxied=proxied)
+
+    def build(self, addr: IAddress, *, proxied: bool) -> FrontProtocol | None:
+        """A connection from ``addr``, or None when a limit refuses it (counted).
+
+        :param proxied: ``addr`` is a balancer's, whose PROXY header names
+            the client: only configured balancer networks are served, and
+            the client is accounted once its header is read
+            (:meth:`proxy_header_read`).
+        """
         settings = self.state.settings
         if settings.max_connections and len(self.connections) >= settings.max_connections:
             self.metrics.limited.labels("max_connections").inc()
             return None
         host = getattr(addr, "host", None)
-        key = address_key(host) if isinstance(host, str) else ""
-        if not self.limits.start_first_flight(key, settings.max_first_flights_per_address):
-            self.metrics.limited.labels("first_flights_per_address").inc()
-            return None
-        proto = FrontProtocol(self.state, self.reactor)
+        if proxied:
+            if not trusted(host, settings.proxy_from):
+                # A header from anyone else would be a spoofed address.
+                self.metrics.limited.labels("proxy_untrusted").inc()
+                return None
+            key = ""
+            self.limits.start_first_flight(key, 0)
+        else:
+            key = address_key(host) if isinstance(host, str) else ""
+            refusal = self.limits.admit(
+                key,
+                cap=settings.max_first_flights_per_address,
+                saturation=settings.saturation_first_flights,
+            )
+            if refusal:
+                self.metrics.limited.labels(refusal).inc()
+                return None
+        proto = FrontProtocol(self.state, self.reactor, proxied=proxied)
         proto.factory = self
         proto.record.address = key
+        proto.pending_key = key
         self.connections.add(proto)
         self.metrics.active.inc()
         self._schedule_sweep()
         return proto
 
+    def proxy_header_read(self, proto: FrontProtocol, header: ProxyHeader) -> bool:
+        """A balancer's PROXY header is in: account the connection to the real client.
+
+        From here the client's address drives the limits, the HPKE shares,
+        the router, the logs, the metrics and the PROXY header to backends.
+        A header that keeps the connection's own endpoints (a health check)
+        leaves the balancer's.
+
+        :returns: False if a limit refused the client (the connection is aborted).
+        """
+        addresses = proxied_addresses(header)
+        if addresses is not None:
+            proto.record.proxied = addresses
+            proto.record.peer = format_address(addresses[0])
+            host = getattr(addresses[0], "host", None)
+        else:
+            host = getattr(proto.transport.getPeer(), "host", None)
+        key = address_key(host) if isinstance(host, str) else ""
+        self._end_pending(proto)
+        proto.record.address = key
+        settings = proto.state.settings
+        refusal = self.limits.admit(
+            key,
+            cap=settings.max_first_flights_per_address,
+            saturation=settings.saturation_first_flights,
+        )
+        if refusal:
+            proto.abort(f"refused ({refusal})", limit=refusal)
+            return False
+        proto.pending_key = key
+        return True
+
+    def _end_pending(self, proto: FrontProtocol) -> None:
+        """The connection's first flight no longer counts as unfinished (once)."""
+        if proto.pending_key is not None:
+            self.limits.end_first_flight(proto.pending_key)
+            proto.pending_key = None
+
     def first_flight_done(self, proto: FrontProtocol, size: int) -> None:
         """The connection's ClientHello is complete."""
-        self.limits.end_first_flight(proto.record.address)
+        self._end_pending(proto)
         proto.record.first_flight_bytes = size
         self.metrics.first_flight_bytes.observe(size)
         self.metrics.first_flight_seconds.observe(self.reactor.seconds() - proto.record.started)
@@ -368,8 +502,7 @@ class FrontFactory(Factory):
     def connection_closed(self, proto: FrontProtocol) -> None:
         """Called once per connection when it closes: account and log it."""
         self.connections.discard(proto)
-        if not proto.record.first_flight_bytes:  # closed before its ClientHello was complete
-            self.limits.end_first_flight(proto.record.address)
+        self._end_pending(proto)  # closed before its ClientHello was complete
         self.metrics.active.dec()
         self.metrics.closed(proto.record)
         self.connection_log.add(

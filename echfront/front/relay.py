@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from echfront.errors import AlertDescription, AlertError
 from echfront.front import splice
 from echfront.front.backend import BackendProtocol, connect_backend, connect_failure
+from echfront.front.connection import client_endpoints
 from echfront.front.proxyproto import proxy_header
 from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO, HANDSHAKE_SERVER_HELLO, ServerHello
 from echfront.tls.records import (
@@ -225,7 +226,8 @@ class Relay:
         self.info = None  # only the second-hello decoder is needed from here on
         record = self.client.record
         if self.backend.proxy_protocol:
-            backend.write(proxy_header(self.backend.proxy_protocol, client, info))
+            source, destination = client_endpoints(self.client)
+            backend.write(proxy_header(self.backend.proxy_protocol, source, destination, info))
         backend.write(info.forward)
         pending, self._pending = self._pending, b""
         if info.second_hello is not None:

@@ -11,6 +11,7 @@ configuration's parser reads these defaults without starting a front).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING
 
 from echfront.tls.records import DEFAULT_MAX_FLIGHT
@@ -39,11 +40,19 @@ class FrontSettings:
         closed after between one and one and a half times this.
     :ivar max_connections: open client connections; new ones beyond it are
         closed at once (0: unlimited).
-    :ivar max_first_flights_per_address: unfinished first flights per client
-        address (IPv6: per /64); more are closed at once (0: unlimited).
-    :ivar hpke_rate: HPKE decryptions per second per client address (0:
-        unlimited); a ClientHello beyond it gets handshake_failure.
+    :ivar max_first_flights_per_address: a hard cap on unfinished first
+        flights per client address (IPv6: per /64); more are closed at once
+        (0: none, the default; see ``saturation_first_flights``).
+    :ivar hpke_rate: a hard cap on HPKE decryptions per second per client
+        address (0: none, the default); a ClientHello beyond it gets
+        handshake_failure.
     :ivar hpke_burst: how many of those may come at once.
+    :ivar saturation_first_flights: the front counts as saturated while
+        more first flights than this are unfinished; only then are
+        connections and decryptions shed, from the addresses asking most
+        beyond a fair share (:mod:`echfront.front.limits`; 0: never).
+    :ivar proxy_from: the networks whose connections to a ``[proxy] listen``
+        endpoint may carry a PROXY protocol header; others are refused.
     :ivar log_server_names: log the inner server name of ECH connections.
     :ivar shutdown_grace: seconds open connections get to finish on shutdown.
     :ivar splice: relay with splice(2) once inspection is over (Linux).
@@ -54,9 +63,11 @@ class FrontSettings:
     max_first_flight: int = DEFAULT_MAX_FLIGHT
     idle_timeout: float = 300.0
     max_connections: int = 10000
-    max_first_flights_per_address: int = 64
-    hpke_rate: float = 200.0
-    hpke_burst: float = 400.0
+    max_first_flights_per_address: int = 0
+    hpke_rate: float = 0.0
+    hpke_burst: float = 0.0
+    saturation_first_flights: int = 256
+    proxy_from: tuple[IPv4Network | IPv6Network, ...] = ()
     log_server_names: bool = False
     shutdown_grace: float = 30.0
     splice: bool = True

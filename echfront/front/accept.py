@@ -1,0 +1,133 @@
+# -*- test-case-name: tests.test_hardening_accept -*-
+"""At accept: refusals that close the socket, and listeners behind a balancer.
+
+Two things every listening endpoint needs from the front, whatever its kind
+(``tcp:``, ``unix:``, ``systemd:``, adopted by a worker, or behind a
+balancer):
+
+* a refused connection is closed at once, never left open: every endpoint
+  listens with a :class:`ListenerFactory`, which answers a refusal with a
+  :class:`Refused` protocol that aborts its transport as soon as it has
+  one.  (None from ``buildProtocol`` closes the socket only where the
+  listening port itself handles it; under a wrapping factory, such as
+  Twisted's ``haproxy:`` endpoint or a TLS wrapper, it fails with an
+  AttributeError and leaves the socket open, uncounted.)
+* a ``[proxy] listen`` endpoint's :class:`ListenerFactory` is ``proxied``:
+  the front accepts connections there only from the configured balancer
+  networks (from anywhere else a PROXY header is a spoofed address:
+  refused, :func:`trusted`) and reads a PROXY header
+  (:mod:`echfront.front.proxyproto`) before the ClientHello.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IProtocol, ITransport
+
+    from echfront.front.proxyproto import ProxyHeader
+
+__all__ = ["FrontBuilder", "ListenerFactory", "Refused", "proxied_addresses", "trusted"]
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Refused(TwistedProtocol):
+    """A connection refused at accept: its transport is aborted at once.
+
+    The refusal was counted by whoever built this; nothing is read or sent.
+    """
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """Abort the connection (RST on TCP: no TIME_WAIT kept for a refusal)."""
+        self.transport = transport
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()
+
+
+def trusted(host: object, networks: Iterable[_Network]) -> bool:
+    """Whether ``host`` (an address's text) is in one of ``networks``."""
+    if not isinstance(host, str):
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 balancer
+    return any(ip.version == network.version and ip in network for network in networks)
+
+
+def proxied_addresses(header: ProxyHeader) -> tuple[IAddress, IAddress] | None:
+    """The client's and the balancer's addresses a PROXY header gives, as Twisted's.
+
+    None when the header says to keep the connection's own endpoints.
+    """
+    if header.source is None or header.destination is None:
+        return None
+    (source, source_port), (destination, destination_port) = header.source, header.destination
+    kind = IPv4Address if source.version == 4 else IPv6Address
+    return (
+        kind("TCP", str(source), source_port),
+        kind("TCP", str(destination), destination_port),
+    )
+
+
+class FrontBuilder(Protocol):
+    """What a :class:`ListenerFactory` needs of the front's factory."""
+
+    def build(self, addr: IAddress, *, proxied: bool) -> IProtocol | None:
+        """A protocol for a connection from ``addr``, None to refuse (counted already).
+
+        ``proxied``: the connection starts with a PROXY header.
+        """
+
+    def doStart(self) -> None:
+        """A listener starts using the factory."""
+
+    def doStop(self) -> None:
+        """A listener stops using the factory."""
+
+
+class ListenerFactory(Factory):
+    """The factory every listening endpoint listens with.
+
+    Connections are built by the front's own factory, so every listener
+    shares its connections, limits and metrics.  A refusal (None from the
+    front) becomes a :class:`Refused` protocol, which closes the socket on
+    any kind of endpoint, wrapped or not.  Starting and stopping are passed
+    on, so the front's factory counts this listener among its ports.
+
+    :param proxied: a ``[proxy] listen`` endpoint: connections start with a
+        balancer's PROXY header.
+    """
+
+    noisy = False
+
+    def __init__(self, front: FrontBuilder, *, proxied: bool = False) -> None:
+        """Build connections with ``front``."""
+        self.front = front
+        self.proxied = proxied
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol:  # type: ignore[override]
+        """The front's connection, or a :class:`Refused` one."""
+        protocol = self.front.build(addr, proxied=self.proxied)
+        return protocol if protocol is not None else Refused()
+
+    def doStart(self) -> None:
+        """Tell the front's factory a listener started."""
+        self.front.doStart()
+
+    def doStop(self) -> None:
+        """Tell the front's factory a listener stopped."""
+        self.front.doStop()
