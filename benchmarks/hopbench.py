@@ -5,15 +5,17 @@ Usage::
     python benchmarks/hopbench.py [--quick] [--repeats 5] [--handshakes 400]
                                   [--concurrency 8] [--bulk-mib 64] [--json FILE]
 
-Two paths in one run, on loopback, in front of the same Go ``crypto/tls``
+Three ways in one run, on loopback, in front of the same Go ``crypto/tls``
 echo backend (``echtest backend``):
 
 * ``split``: Go ECH client -> echfront (decrypts, relays over ``tcp:``) -> backend;
+* ``split-nosplice``: the same with ``[relay] splice = false``, to tell the cost
+  of the TLS link from the loss of splice(2);
 * ``hop``: Go ECH client -> echfront (decrypts, relays over a ``tls:`` client
   endpoint with a client certificate) -> exit echfront (``[exit]``: TLS 1.3,
   client certificate required; routes the relayed ClientHelloInner) -> backend.
 
-For each repeat, the two paths in alternating order (so a noisy moment of the
+For each repeat, the ways in alternating order (so a noisy moment of the
 shared machine does not always hit the same one): ``--handshakes``
 connections (``echtest client -count -concurrency -quiet``: handshake, the
 backend's report line, close), then one connection echoing ``--bulk-mib``
@@ -21,9 +23,9 @@ MiB.  CPU time of each echfront process is read from /proc (schedstat run
 time) before and after each phase, once the phase's connections are closed.
 Printed: medians over the repeats of CPU milliseconds per handshake and CPU
 seconds per GB echoed (each byte crosses each process once each way), for
-the split front, the hop's front and exit, and the hop in all, with the
-ratio hop / split.  The splice(2) fast path applies to ``split`` bulk
-transfers only: a TLS link cannot be spliced.
+each echfront process of each way, and each way's total over ``split``'s.
+The splice(2) fast path applies to ``split`` bulk transfers only: a TLS
+link cannot be spliced.
 
 Only loopback addresses; every process is stopped by its PID; every client
 run is bounded in time.
@@ -77,8 +79,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def front_config(pki: Pki, endpoint: str) -> JSON:
+def front_config(pki: Pki, endpoint: str, *, splice: bool = True) -> JSON:
     return {
+        "relay": {"splice": splice},
         "public_name": "public.example",
         "ech": {"keys": [{"file": str(pki.ech_key)}]},
         "public": {"cert": str(pki.certs["public.example"].combined)},
@@ -103,13 +106,15 @@ def exit_config(link: LinkPki, backend_port: int) -> JSON:
 
 @contextmanager
 def paths(work: Path) -> Iterator[tuple[Pki, list[Way]]]:
-    """Start the backend, the split front, the exit and the hop front."""
+    """Start the backend, the split fronts (with and without splice), the exit and the hop front."""
     pki = make_pki(work / "pki")
     link = make_link_pki(work / "link")
     with ExitStack() as stack:
         backend = stack.enter_context(GoBackend([pki.pair(SECRET)], ident="b"))
         tcp = f"tcp:host=127.0.0.1:port={backend.port}"
         split = stack.enter_context(FrontProcess(work / "split", front_config(pki, tcp)))
+        copying = front_config(pki, tcp, splice=False)
+        nosplice = stack.enter_context(FrontProcess(work / "nosplice", copying))
         exit_ = stack.enter_context(FrontProcess(work / "exit", exit_config(link, backend.port)))
         hop_endpoint = exit_endpoint(link, exit_.port)
         hop = stack.enter_context(FrontProcess(work / "hop", front_config(pki, hop_endpoint)))
@@ -117,35 +122,37 @@ def paths(work: Path) -> Iterator[tuple[Pki, list[Way]]]:
             pki,
             [
                 Way("split", split.address, {"front": split.pid}),
+                Way("split-nosplice", nosplice.address, {"front": nosplice.pid}),
                 Way("hop", hop.address, {"front": hop.pid, "exit": exit_.pid}),
             ],
         )
 
 
-def client(pki: Pki, path: Way, bound: float, **options: Any) -> JSON:
+def client(pki: Pki, way: Way, bound: float, **options: Any) -> JSON:
+    options.setdefault("count", 1)  # with a count the client prints a summary line
     args = client_args(
-        path.address, name=SECRET, ca=pki.ca, ech=pki.ech_config_list, quiet=True, **options
+        way.address, name=SECRET, ca=pki.ca, ech=pki.ech_config_list, quiet=True, **options
     )
     summary = summary_line(run_tool(args, bound))
     if summary["ok"] == 0 or summary["failed"]:
-        raise RuntimeError(f"{path.name}: connections failed: {summary}")
+        raise RuntimeError(f"{way.name}: connections failed: {summary}")
     return summary
 
 
-def measured(pki: Pki, path: Way, bound: float, **options: Any) -> tuple[JSON, dict[str, float]]:
+def measured(pki: Pki, way: Way, bound: float, **options: Any) -> tuple[JSON, dict[str, float]]:
     """Run the client; CPU seconds of each echfront process of the path over the run."""
-    pids = list(path.pids.values())
+    pids = list(way.pids.values())
     fds = {pid: fd_count(pid) for pid in pids}
     before = {pid: read_cpu(pid) for pid in pids}
-    summary = client(pki, path, bound, **options)
+    summary = client(pki, way, bound, **options)
     wait_fds(pids, fds)  # the phase's connections are closed and accounted
     after = {pid: read_cpu(pid) for pid in pids}
-    return summary, {role: cpu_seconds(before[pid], after[pid]) for role, pid in path.pids.items()}
+    return summary, {role: cpu_seconds(before[pid], after[pid]) for role, pid in way.pids.items()}
 
 
-def one_repeat(pki: Pki, path: Way, handshakes: int, concurrency: int, bulk: int) -> JSON:
+def one_repeat(pki: Pki, way: Way, handshakes: int, concurrency: int, bulk: int) -> JSON:
     summary, cpu = measured(
-        pki, path, 60 + handshakes * 0.2, count=handshakes, concurrency=concurrency, timeout=30.0
+        pki, way, 60 + handshakes * 0.2, count=handshakes, concurrency=concurrency, timeout=30.0
     )
     ok = int(summary["ok"])
     row: JSON = {
@@ -153,7 +160,7 @@ def one_repeat(pki: Pki, path: Way, handshakes: int, concurrency: int, bulk: int
         "p50_ms": summary.get("p50_ms"),
         "ms_per_handshake": {role: s * 1000 / ok for role, s in cpu.items()},
     }
-    _, cpu = measured(pki, path, 60 + bulk / 1e6, send=bulk, timeout=60 + bulk / 1e6)
+    _, cpu = measured(pki, way, 60 + bulk / 1e6, send=bulk, timeout=60 + bulk / 1e6)
     row["s_per_gb"] = {role: s / (bulk / 1e9) for role, s in cpu.items()}
     for key in ("ms_per_handshake", "s_per_gb"):
         row[key]["total"] = sum(row[key].values())
@@ -165,27 +172,29 @@ def median(rows: Sequence[JSON], key: str, role: str) -> float:
 
 
 def report(results: dict[str, list[JSON]]) -> JSON:
-    split, hop = results["split"], results["hop"]
+    """Medians per way and process, and each way's total over the split path's."""
     summary: JSON = {}
-    for key, unit in (("ms_per_handshake", "CPU ms per handshake"), ("s_per_gb", "CPU s per GB")):
-        base = median(split, key, "front")
-        figures = {
-            "split front": base,
-            "hop front": median(hop, key, "front"),
-            "hop exit": median(hop, key, "exit"),
-            "hop total": median(hop, key, "total"),
-        }
-        summary[key] = {**figures, "hop total / split": figures["hop total"] / base}
-        print(f"\n{unit} (median of {len(split)} repeats)")
-        for label, value in summary[key].items():
-            print(f"  {label:<18} {value:8.3f}")
+    units = (("ms_per_handshake", "CPU ms per handshake"), ("s_per_gb", "CPU s per GB echoed"))
+    for key, unit in units:
+        base = median(results["split"], key, "total")
+        figures: dict[str, float] = {}
+        for name, rows in results.items():
+            for role in rows[0][key]:
+                if role != "total" or len(rows[0][key]) > 2:
+                    figures[f"{name} {role}"] = median(rows, key, role)
+            if name != "split":
+                figures[f"{name} / split"] = median(rows, key, "total") / base
+        summary[key] = figures
+        print(f"\n{unit} (median of {len(results['split'])} repeats)")
+        for label, value in figures.items():
+            print(f"  {label:<24} {value:8.3f}")
     p50 = {
         name: statistics.median(r["p50_ms"] or 0.0 for r in rows) for name, rows in results.items()
     }
     summary["p50_handshake_ms"] = p50
     print("\nhandshake latency p50, ms (client, median):")
     for name, value in p50.items():
-        print(f"  {name:<18} {value:8.2f}")
+        print(f"  {name:<24} {value:8.2f}")
     return summary
 
 
@@ -205,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     go_binary()
     bulk = args.bulk_mib << 20
-    results: dict[str, list[JSON]] = {"split": [], "hop": []}
+    results: dict[str, list[JSON]] = {"split": [], "split-nosplice": [], "hop": []}
     with tempfile.TemporaryDirectory(prefix="hopbench-") as work, paths(Path(work)) as (pki, ways):
         for way in ways:  # warm up: load every code path once, unmeasured
             client(pki, way, 120, count=20, concurrency=4)

@@ -39,7 +39,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
+    from twisted.internet.interfaces import (
+        IListeningPort,
+        IProtocolFactory,
+        IReactorTime,
+        ITransport,
+    )
 
 __all__ = ["ExitLinkProtocol", "ExitListenEndpoint", "exit_tls_options", "trusted_link"]
 
@@ -53,6 +58,19 @@ class ExitLinkProtocol(TLSMemoryBIOProtocol):
     written just before a close must not be held back and lost (the reason
     :mod:`echfront.front.local` does the same).
     """
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """Send small writes at once (TCP_NODELAY), then start TLS.
+
+        A relay forwards what it reads as it reads it; with Nagle's
+        algorithm a small write that follows another one waits for the
+        peer's delayed ACK (40 ms on Linux), which the TLS handshake's last
+        flight followed by the first relayed bytes would hit every time.
+        """
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
 
     def loseWriteConnection(self) -> None:
         """Half-close as TLS does it: close_notify after what is queued (RFC 8446 §6.1).
