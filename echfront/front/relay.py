@@ -36,19 +36,12 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHalfCloseableDescriptor, IReactorFDSet
 from twisted.logger import Logger
 
+from echfront.ech.hrrwatch import HelloRetryWatch
 from echfront.errors import AlertDescription, AlertError
 from echfront.front import splice
 from echfront.front.backend import BackendProtocol, connect_backend, connect_failure
 from echfront.front.connection import client_endpoints
 from echfront.front.proxyproto import proxy_header
-from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO, HANDSHAKE_SERVER_HELLO, ServerHello
-from echfront.tls.records import (
-    CONTENT_ALERT,
-    CONTENT_APPLICATION_DATA,
-    CONTENT_CHANGE_CIPHER_SPEC,
-    HandshakeReader,
-    RecordSplitter,
-)
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -70,13 +63,6 @@ _SPLICE_ATTEMPTS = 40
 #: ordinary path, which costs them less than setting up and tearing down a
 #: splice session, and answers a few milliseconds sooner.
 _SPLICE_AFTER = 64 * 1024
-
-#: Before the second ClientHello a client may still send CCS (middlebox
-#: compatibility), 0-RTT application data sent after the first ClientHello,
-#: or an alert; all pass through untouched (HRR-9).
-_BEFORE_SECOND_HELLO = frozenset(
-    (CONTENT_CHANGE_CIPHER_SPEC, CONTENT_APPLICATION_DATA, CONTENT_ALERT)
-)
 
 
 def _nothing() -> None:
@@ -151,8 +137,6 @@ class Relay:
         """Prepare; :meth:`start` starts the work."""
         self.client = client
         self.info: ClientHelloInfo | None = info
-        #: Kept past the first flight only while a second ClientHello may come.
-        self._second_decoder = info.second_hello
         self.backend = backend
         self.reactor = reactor
         self.metrics = metrics
@@ -177,9 +161,9 @@ class Relay:
         self._backend_eof = False
         self._done = False
         self._inspecting = False
-        self._splitter: RecordSplitter | None = None
-        self._server_hello: HandshakeReader | None = None
-        self._second_hello: HandshakeReader | None = None
+        #: The watch of an ECH-accepted connection until its ServerHello (and
+        #: second ClientHello); None on the fast path.
+        self._hello_watch: HelloRetryWatch | None = None
 
     # -- connecting -------------------------------------------------------
 
@@ -234,9 +218,8 @@ class Relay:
             # ECH accepted: a HelloRetryRequest would need the second
             # ClientHello rewritten, so inspect until the ServerHello.
             self._inspecting = True
-            self._splitter = RecordSplitter()
-            self._server_hello = HandshakeReader(HANDSHAKE_SERVER_HELLO, require_boundary=False)
-            receive = _counted_from_client(record, self._client_before_server_hello)
+            self._hello_watch = HelloRetryWatch(info.second_hello, self._max_second_hello)
+            receive = _counted_from_client(record, self._client_watched)
             if pending:
                 receive(pending)
             # After the pending bytes: set_input first passes on what the
@@ -258,93 +241,55 @@ class Relay:
     # -- inspection -------------------------------------------------------
 
     def from_backend(self, data: bytes) -> None:
-        """Backend bytes before the fast path: learn the ServerHello, then forward."""
-        reader = self._server_hello
-        if reader is not None:
+        """Backend bytes before the fast path: learn the ServerHello, then forward.
+
+        The watch (:class:`~echfront.ech.hrrwatch.HelloRetryWatch`) is
+        updated before the bytes leave, so the client direction is ready for
+        a second ClientHello before the client can send one.
+        """
+        watch = self._hello_watch
+        if watch is not None and not watch.server_done:
+            assert self._peer is not None
             try:
-                flight = reader.feed(data)
-            except AlertError:
-                # Not a ServerHello we understand (an alert, TLS 1.2 oddities):
-                # nothing to rewrite, so step aside.
-                self._server_said(hello_retry=False)
-            else:
-                if flight is not None:
-                    try:
-                        retry = ServerHello.from_message(flight.message).is_hello_retry_request
-                    except AlertError:
-                        retry = False
-                    self._server_said(hello_retry=retry)
-        # The state is updated before the bytes leave, so the client direction
-        # is ready for a second ClientHello before the client can send one.
+                known = watch.from_server(data, self._peer.transport.write)
+            except AlertError as error:  # held client bytes that cannot start a hello
+                self.client.refuse(error.alert, str(error))
+                return
+            if known:
+                self._server_said(watch)
         self.client.record.bytes_to_client += len(data)
         self.client.transport.write(data)
 
-    def _server_said(self, *, hello_retry: bool) -> None:
-        """The backend's first handshake message is known."""
+    def _server_said(self, watch: HelloRetryWatch) -> None:
+        """The backend's first handshake message is known: its direction needs no watching."""
         assert self._peer is not None
-        self._server_hello = None
         self._peer.dataReceived = _counted_to_client(  # type: ignore[method-assign,assignment]
             self.client.record, self.client.transport.write, self._watch
         )
-        splitter = self._splitter
-        self._splitter = None
-        held = splitter.pending() if splitter is not None else b""
-        if hello_retry:
+        if watch.hello_retry:
             self.client.record.hello_retry = True
             self.metrics.hello_retry_requests.inc()
-            self._second_hello = HandshakeReader(
-                HANDSHAKE_CLIENT_HELLO,
-                max_bytes=self._max_second_hello,
-                pass_types=_BEFORE_SECOND_HELLO,
-            )
-            self.client.set_input(
-                _counted_from_client(self.client.record, self._client_await_second_hello)
-            )
-            if held:
-                self._client_await_second_hello(held)
-        else:
-            if held:
-                self._peer.transport.write(held)
+        if watch.client_done:
             self._fast_path_client()
 
-    def _client_before_server_hello(self, data: bytes) -> None:
-        """Forward whole records only, so a second ClientHello starts cleanly."""
-        assert self._splitter is not None and self._peer is not None
+    def _client_watched(self, data: bytes) -> None:
+        """Client bytes while watching: whole records, then the second ClientHello rewritten."""
+        watch = self._hello_watch
+        assert watch is not None and self._peer is not None
         try:
-            whole = self._splitter.feed(data)
+            watch.from_client(data, self._peer.transport.write)
         except AlertError as error:
             self.client.refuse(error.alert, str(error))
             return
-        if whole:
-            self._peer.transport.write(whole)
-
-    def _client_await_second_hello(self, data: bytes) -> None:
-        """Reassemble and rewrite the second ClientHello (RFC 9849 §7.1.1)."""
-        reader = self._second_hello
-        assert reader is not None and self._peer is not None
-        decoder = self._second_decoder
-        assert decoder is not None
-        try:
-            flight = reader.feed(data)
-            passed = reader.take_passed()
-            if passed:
-                self._peer.transport.write(passed)
-            if flight is None:
-                return
-            second = decoder.decode(flight)
-        except AlertError as error:
-            self.client.refuse(error.alert, str(error))
-            return
-        self._second_hello = None
-        self._peer.transport.write(second.forward + flight.rest)
-        self._fast_path_client()
+        if watch.client_done:
+            self._fast_path_client()
 
     # -- fast path -----------------------------------------------------------
 
     def _fast_path_client(self) -> None:
         assert self._peer is not None
         self._inspecting = False
-        self._second_decoder = None
+        self._hello_watch = None
         record = self.client.record
         self.client.set_input(_counted_from_client(record, self._peer.transport.write, self._watch))
         self.client.handshake_done()
@@ -439,10 +384,10 @@ class Relay:
 
     def _forward_client_eof(self) -> None:
         assert self._peer is not None
-        if self._splitter is not None:
-            # A partial record can never complete now; the backend may as
-            # well see exactly what the client sent, before the FIN.
-            self._peer.transport.write(self._splitter.pending())
+        if self._hello_watch is not None:
+            held = self._hello_watch.client_eof()
+            if held:
+                self._peer.transport.write(held)
         _half_close(self._peer.transport)
 
     def backend_eof(self) -> None:
