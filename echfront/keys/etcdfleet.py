@@ -100,7 +100,11 @@ class EtcdCoordinator:
         return self.prefix + name.encode("utf-8")
 
     async def campaign(self) -> Fence | None:
-        """Create the leader entry on our lease if absent; our fence while it is ours."""
+        """Create the leader entry on our lease if absent; our fence while it is ours.
+
+        None, too, while the entry is ours but the lease cannot be shown to
+        hold (a renewal failed): this front does not act then.
+        """
         lease = self.membership.lease
         if not lease:
             self._held = None
@@ -120,6 +124,10 @@ class EtcdCoordinator:
                 return None
             fence = Fence(LEADER, kv.create_revision)
         self._held = (fence, lease)
+        if not self.holds() and not (await self.renew() and self.holds()):
+            # Ours, but renewals failed (etcd was away): lead again only
+            # once the lease is known to hold.
+            return None
         return fence
 
     def holds(self, seconds: float = 0.0) -> bool:
