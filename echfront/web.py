@@ -64,7 +64,7 @@ class OriginSVCBResource(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         """Return the JSON, or 404 when no config is published."""
-        config_list = self._keys().retry_config_list
+        config_list = self._keys().publication_list  # with the GREASE decoy, as DNS
         if config_list is None:
             request.setResponseCode(404)
             return b"no ECH configs are published\n"

@@ -13,6 +13,7 @@ import pytest
 
 from echfront.cli.main import main
 from echfront.ech.echconfig import decode_config_list
+from echfront.ech.grease import is_decoy
 from echfront.keys.keyfile import read_key_file
 
 
@@ -148,7 +149,8 @@ def test_dns_record_carries_every_key(tmp_path: Path, capsys: pytest.CaptureFixt
     line = capsys.readouterr().out.strip()
     head, _, ech = line.partition(' ech="')
     assert head == 'secret.example. 300 IN HTTPS 1 . alpn="h2,http/1.1" port=8443'
-    configs = decode_config_list(base64.b64decode(ech.rstrip('"'))).configs
+    decoy, *configs = decode_config_list(base64.b64decode(ech.rstrip('"'))).configs
+    assert is_decoy(decoy)  # RFC 9849 §6.2.2 (tests/test_grease.py)
     assert [c.config_id for c in configs] == [0, 1]
 
 
@@ -219,7 +221,8 @@ def test_dns_lists_post_quantum_configs_first(
     assert main(["dns", "--name", "secret.example", "--keys", str(classic), str(pq)]) == 0
     line = capsys.readouterr().out.strip()
     ech = base64.b64decode(line.partition(' ech="')[2].rstrip('"'))
-    configs = decode_config_list(ech).configs
+    decoy, *configs = decode_config_list(ech).configs
+    assert is_decoy(decoy)  # RFC 9849 §6.2.2 (tests/test_grease.py)
     assert [(c.config_id, c.kem_id) for c in configs] == [(2, 0x647A), (1, 0x0020)]
     # Over 512 bytes on the wire: the docs' EDNS/TCP note applies.
     assert len(ech) > 1216 + 32

@@ -13,13 +13,19 @@ locally terminated public name.
 from __future__ import annotations
 
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -50,6 +56,8 @@ from tests.echhello import (
     sni,
     versions,
 )
+from tests.frontproc import FrontProcess, free_port, make_pki
+from tests.gotools import GoUnavailableError, go_binary, run_client
 from tests.test_relay import KEY, PUBLIC_NAME, RelayTestCase, inner_records
 from tests.twistedhelpers import CCS, CLIENT_ADDRESS, Network, RecordingServer, server_hello
 
@@ -207,3 +215,115 @@ class PublicNameTerminationTests(SynchronousTestCase):
         self.assertIn(EXT_VERSIONS, server_hello_.extension_types)
         self.assertIn(EXT_KEY_SHARE, server_hello_.extension_types)
         self.assertNotIn(EXT_PRE_SHARED_KEY, server_hello_.extension_types)
+
+
+# -- REJ-6: the alerts clients send, counted -----------------------------------------------
+
+#: A root the certificate does not chain to (another name, another key).
+OTHER_CA = TestCA(Path(_TMP.name) / "other-ca", name="some other CA")
+
+
+class ClientAlertTests(SynchronousTestCase):
+    """Alerts from clients of the locally terminated public name (RFC 9849 §7.1, REJ-6).
+
+    In memory, a Twisted TLS client that does not trust the certificate ends
+    the handshake with a fatal alert; the front reads it and counts it by
+    name.  The ``ech_required`` alert of a real ECH client is counted by the
+    same path: see :func:`test_REJ_6_ech_required_from_a_rejected_go_client`.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.net = Network(self.clock)
+        options = load_certificate_options(PUBLIC_CERT.chain, PUBLIC_CERT.key, alpn=())
+        target = local_target("public", options, Factory.forProtocol(Protocol), self.clock)
+        state = FrontState(
+            ECHDecoder(KeySet([KEY])), ToLocal(target), frozenset({target}), FrontSettings()
+        )
+        self.factory = FrontFactory(state, self.clock)
+
+    def alerts(self, name: str) -> float | None:
+        return self.factory.metrics.registry.get_sample_value(
+            "echfront_client_alerts_total", {"alert": name}
+        )
+
+    def connect(self, ca: TestCA) -> TLSMemoryBIOProtocol:
+        trust = Certificate.loadPEM(ca.cert_path.read_bytes())
+        client_factory = TLSMemoryBIOFactory(
+            optionsForClientTLS(PUBLIC_NAME, trustRoot=trust),
+            True,
+            Factory.forProtocol(Protocol),
+            clock=self.clock,
+        )
+        client = client_factory.buildProtocol(CLIENT_ADDRESS)
+        front = self.factory.buildProtocol(CLIENT_ADDRESS)
+        assert front is not None
+        self.net.connect(client, front)
+        self.net.flush()
+        return client
+
+    def test_REJ_6_a_client_alert_is_counted_by_name(self) -> None:
+        self.connect(OTHER_CA)  # the client cannot verify public.example: unknown_ca (48)
+        self.assertEqual(self.alerts("unknown_ca"), 1.0)
+
+    def test_REJ_6_close_notify_is_not_counted(self) -> None:
+        client = self.connect(CA)
+        self.assertTrue(client._handshakeDone)
+        client.loseConnection()  # close_notify, the normal end
+        self.net.flush()
+        self.assertEqual(self.factory.open_connections, 0)
+        self.assertIsNone(self.alerts("close_notify"))
+        self.assertEqual([m.samples for m in self.factory.metrics.client_alerts.collect()], [[]])
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a front's metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _ech_required(port: int) -> float:
+    key = ("echfront_client_alerts_total", (("alert", "ech_required"),))
+    return _scrape(port).get(key, 0.0)
+
+
+@pytest.mark.interop
+def test_REJ_6_ech_required_from_a_rejected_go_client(tmp_path: Path) -> None:
+    """A real client rejected by the local public service sends ech_required; it is counted.
+
+    Go's crypto/tls, given a config the front does not hold, completes the
+    outer handshake with public.example (the local ``[public]`` service,
+    which cannot send retry_configs), then aborts with ech_required (121,
+    RFC 9849 §6.1.6).  A client that offered no ECH sends none.
+    """
+    try:
+        go_binary()
+    except GoUnavailableError as error:
+        pytest.skip(str(error))
+    pki = make_pki(tmp_path / "pki")
+    metrics_port = free_port()
+    config = {
+        "public_name": PUBLIC_NAME,
+        "ech": {"keys": [{"file": str(pki.ech_key)}]},
+        "public": {"cert": str(pki.certs[PUBLIC_NAME].combined)},
+        "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"},
+    }
+    with FrontProcess(tmp_path / "front", config) as front:
+        (plain,) = run_client(front.address, name=PUBLIC_NAME, ca=pki.ca, http_get="/")
+        assert plain["ok"], plain
+        (stale,) = run_client(
+            front.address, name="secret.example", ech=pki.stale_config_list, ca=pki.ca
+        )
+        assert stale["ech_rejected"] is True and stale["ok"] is False, stale
+        deadline = time.monotonic() + 10
+        while _ech_required(metrics_port) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _ech_required(metrics_port) == 1.0, front.log_text()
+        samples = _scrape(metrics_port)
+        alerts = {k: v for k, v in samples.items() if k[0] == "echfront_client_alerts_total"}
+        assert alerts == {("echfront_client_alerts_total", (("alert", "ech_required"),)): 1.0}

@@ -50,6 +50,7 @@ from echfront.ech.echconfig import (
     decode_config_list,
     encode_config_list,
 )
+from echfront.ech.grease import GREASE_OPTIONAL_TYPES
 from echfront.ech.hpke import DEFAULT_SUITES, RecipientKey
 from echfront.ech.keyset import ECH_INFO_PREFIX, ECHKey, KeySet, generate_key, preference_order
 from echfront.errors import ConfigError
@@ -94,7 +95,9 @@ def test_generate_key_defaults() -> None:
     assert config.cipher_suites == DEFAULT_SUITES
     assert config.cipher_suites[0] == SymmetricSuite(1, 1)  # the mandatory suite first
     assert config.maximum_name_length == 0
-    assert config.extensions == ()
+    # One reserved optional (GREASE) extension, RFC 9849 §6.2.2 (tests/test_grease.py).
+    (grease,) = config.extensions
+    assert grease.type in GREASE_OPTIONAL_TYPES
     assert 0 <= config.config_id <= 255
     assert key.recipient is not None
     assert key.recipient.public_key == config.public_key

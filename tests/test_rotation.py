@@ -19,8 +19,10 @@ from zope.interface import implementer
 from echfront.ech.echconfig import (
     KEM_MLKEM768_X25519,
     KEM_X25519_HKDF_SHA256,
+    ECHConfig,
     decode_config_list,
 )
+from echfront.ech.grease import is_decoy
 from echfront.ech.keyset import generate_key
 from echfront.errors import ConfigError
 from echfront.interfaces import IPublisher
@@ -28,6 +30,16 @@ from echfront.keys.keydir import KeyDirectory, KeyState
 from echfront.keys.rotation import RotationPolicy, Rotator, parse_duration
 
 START = 1_800_000_000.0  # a fixed "now" for the clock
+
+
+def real_configs(config_list: bytes) -> list[ECHConfig]:
+    """The configs of a published list after its GREASE decoy (RFC 9849 §6.2.2).
+
+    tests/test_grease.py proves the decoy; here it is checked and set aside.
+    """
+    decoy, *configs = decode_config_list(config_list).configs
+    assert is_decoy(decoy) and not any(is_decoy(c) for c in configs)
+    return configs
 
 
 def when(seconds: float) -> datetime.datetime:
@@ -118,13 +130,13 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert listing.startswith(f"{record.stem}  pending  config_id {record.config_ids[0]}  ")
     # Adding prints the pending list: what to publish before activating.
     pending = base64.b64decode(added.stdout.strip().splitlines()[-1])
-    assert [c.config_id for c in decode_config_list(pending).configs] == list(record.config_ids)
+    assert [c.config_id for c in real_configs(pending)] == list(record.config_ids)
     # Activating (every pending key, without names) prints the published list.
     activated = cli("keys", "activate", "--dir", keys)
     assert activated.returncode == 0, activated.stderr
     assert f"activated {record.stem}" in activated.stdout
     listed = base64.b64decode(activated.stdout.strip().splitlines()[-1])
-    assert [c.config_id for c in decode_config_list(listed).configs] == list(record.config_ids)
+    assert [c.config_id for c in real_configs(listed)] == list(record.config_ids)
     nothing = cli("keys", "activate", "--dir", keys)
     assert nothing.returncode == 2 and "no pending keys to activate" in nothing.stderr
     # A bad --grace is refused before any key is made.
@@ -152,11 +164,9 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert old.state is KeyState.RETIRED and old.retire_after is not None
     assert {r.state for r in states.values()} == {KeyState.ACTIVE}
     assert {r.kem_id for r in states.values()} == {KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256}
-    published = decode_config_list(base64.b64decode(rotated.stdout.strip().splitlines()[-1]))
-    assert published.configs[0].kem_id == KEM_MLKEM768_X25519  # post-quantum first
-    assert {c.config_id for c in published.configs} == {
-        i for r in states.values() for i in r.config_ids
-    }
+    published = real_configs(base64.b64decode(rotated.stdout.strip().splitlines()[-1]))
+    assert published[0].kem_id == KEM_MLKEM768_X25519  # post-quantum first
+    assert {c.config_id for c in published} == {i for r in states.values() for i in r.config_ids}
     # The DNS record can be printed from the directory's published keys.
     dns = cli("dns", "--name", "secret.example", "--keys-dir", keys)
     assert dns.returncode == 0 and dns.stdout.startswith("secret.example. 300 IN HTTPS 1 . ech=")
@@ -245,7 +255,7 @@ def test_bootstrap_publishes_then_activates(tmp_path: Path) -> None:
     (record,) = h.directory.records()
     assert record.state is KeyState.ACTIVE
     (published,) = h.publisher.published
-    assert [c.config_id for c in decode_config_list(published).configs] == list(record.config_ids)
+    assert [c.config_id for c in real_configs(published)] == list(record.config_ids)
     assert h.results == ["success"]
     assert h.changes == 2  # loaded as pending, then activated
     h.rotator.stopService()
@@ -281,9 +291,7 @@ def test_full_cycle_new_key_verified_before_offered_old_retired_after_grace(
     retire_after = old.retire_after
     assert retire_after is not None
     assert h.publisher.dns is not None
-    assert [c.config_id for c in decode_config_list(h.publisher.dns).configs] == list(
-        new.config_ids
-    )
+    assert [c.config_id for c in real_configs(h.publisher.dns)] == list(new.config_ids)
     # The retired key decrypts until its grace is over, then goes.
     h.run(540)
     assert [r.stem for r in h.directory.records()] == [old.stem, new.stem]
@@ -316,7 +324,7 @@ def test_post_quantum_and_classical_keys_rotate_together(tmp_path: Path) -> None
     assert {r.kem_id for r in records} == {KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256}
     assert {r.state for r in records} == {KeyState.ACTIVE}
     (published,) = h.publisher.published
-    assert decode_config_list(published).configs[0].kem_id == KEM_MLKEM768_X25519
+    assert real_configs(published)[0].kem_id == KEM_MLKEM768_X25519
     h.rotator.stopService()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from echfront.ech.echconfig import decode_config_list
+from echfront.ech.grease import is_decoy
 from echfront.keys.keydir import KeyDirectory, KeyState
 from tests.frontproc import FrontProcess, Pki, free_port, make_pki
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
@@ -122,7 +123,8 @@ def connect(front: FrontProcess, pki: Pki, config_list: bytes) -> dict[str, Any]
 
 
 def ids(config_list: bytes) -> list[int]:
-    return [c.config_id for c in decode_config_list(config_list).configs]
+    """config_ids of the real configs (after the GREASE decoy, RFC 9849 §6.2.2)."""
+    return [c.config_id for c in decode_config_list(config_list).configs if not is_decoy(c)]
 
 
 def publications(metrics_port: int) -> dict[str, float]:

@@ -33,6 +33,7 @@ from echfront._version import __version__
 from echfront.dns.svcb import origin_svcb_document
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.echconfig import decode_config_list
+from echfront.ech.grease import is_decoy
 from echfront.ech.keyset import KeySet, generate_key
 from echfront.front.local import local_target
 from echfront.front.protocol import FrontFactory
@@ -206,8 +207,10 @@ def test_origin_svcb_serves_the_published_list() -> None:
     (endpoint,) = document["endpoints"]
     assert endpoint["params"]["alpn"] == ["h2", "http/1.1"]
     config_list = base64.b64decode(endpoint["params"]["ech"])
-    assert config_list == keys.retry_config_list
-    published = [c.config_id for c in decode_config_list(config_list).configs]
+    assert config_list == keys.publication_list  # a GREASE decoy first (tests/test_grease.py)
+    decoy, *configs = decode_config_list(config_list).configs
+    assert is_decoy(decoy)
+    published = [c.config_id for c in configs]
     assert sorted(published) == [0x42, 0x43]  # the decrypt-only key is not published
     assert body == origin_svcb_document(config_list, alpn=["h2", "http/1.1"])
 
@@ -219,7 +222,8 @@ def test_origin_svcb_follows_a_reload() -> None:
     keys.keys = KeySet([NEW_KEY, KEY.with_role(published=False)])
     _request, after = get(resource, [])
     ech = base64.b64decode(json.loads(after)["endpoints"][0]["params"]["ech"])
-    assert [c.config_id for c in decode_config_list(ech).configs] == [0x43]
+    real = [c.config_id for c in decode_config_list(ech).configs if not is_decoy(c)]
+    assert real == [0x43]
     assert before != after
     assert "alpn" not in json.loads(after)["endpoints"][0]["params"]
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from echfront.app.certs import TestCA
 from echfront.config.schema import Config, KeyFileConfig, LocalConfig, RouteConfig
-from echfront.ech.echconfig import encode_config_list
-from echfront.ech.keyset import generate_key
+from echfront.ech.keyset import generate_key, publication_list
 from echfront.ech.padding import derive_maximum_name_length
 from echfront.keys.keyfile import read_key_file, write_key_file
 
@@ -60,7 +59,7 @@ def demo_config(state_dir: Path, port: int = DEMO_PORT) -> tuple[Config, list[st
         routes=routes,
         default="public",
     )
-    config_list = base64.b64encode(encode_config_list([key.config])).decode()
+    config_list = base64.b64encode(publication_list([key.config])).decode()
     lines = [
         f"echfront demo: no configuration given; state in {state_dir}",
         f"  listening on https://127.0.0.1:{port}/ ({PUBLIC_NAME} and {PRIVATE_NAME})",

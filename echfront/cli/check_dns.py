@@ -42,6 +42,7 @@ from echfront.cli.check_findings import CheckError, Findings, one_line
 from echfront.dns.doh import DoHClient, doh_query
 from echfront.dns.verify import join_host_port, name_text
 from echfront.ech.echconfig import ECHConfig, decode_config_list
+from echfront.ech.grease import is_decoy
 from echfront.errors import ConfigError
 
 __all__ = [
@@ -278,7 +279,16 @@ def _service_records(
             findings.warning(f"{label}: ech holds a config of unknown version 0x{version:04x}")
         if not decoded.configs:
             findings.error(f"{label}: ech holds no config of version 0xfe0d (RFC 9849)")
+        configs = []
         for config in decoded.configs:
+            if is_decoy(config):
+                # Skipped by correct clients, held by nobody: nothing to probe or compare.
+                findings.ok(
+                    f"ech config_id {config.config_id} is a GREASE decoy that clients skip "
+                    "(RFC 9849 §6.2.2)"
+                )
+                continue
+            configs.append(config)
             suites = ", ".join(str(s) for s in config.cipher_suites)
             findings.ok(
                 f"ech config_id {config.config_id}: {config.kem_name}, public_name "
@@ -290,7 +300,7 @@ def _service_records(
                     f"ech config_id {config.config_id} has a mandatory extension: "
                     "clients that do not know it skip the config (RFC 9849 §4.2)"
                 )
-        endpoint.configs = list(decoded.configs)
+        endpoint.configs = configs
         endpoints.append(endpoint)
     if not any(e.configs for e in endpoints):
         findings.error(f"no HTTPS record of {name_text(owner)} has an ech parameter: no ECH")

@@ -30,7 +30,7 @@ from echfront.ech.echconfig import (
     parse_config_list_text,
 )
 from echfront.ech.hpke import DEFAULT_SUITES
-from echfront.ech.keyset import ECHKey, generate_key, preference_order
+from echfront.ech.keyset import ECHKey, generate_key, publication_list
 from echfront.ech.padding import derive_maximum_name_length
 from echfront.errors import ConfigError
 from echfront.keys.keydir import KeyDirectory, KeyRecord, KeyState, utcnow
@@ -109,13 +109,15 @@ def _parser() -> _Parser:
     )
     keygen.add_argument("--out", required=True, type=Path, help="PEM file to write")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    _add_grease_option(keygen, "add no reserved (GREASE) extension to the config")
 
     dns = commands.add_parser(
         "dns",
         help="print the HTTPS resource record that publishes the ECH configs",
         description="Print an HTTPS record (RFC 9460) with the ech SvcParam (RFC 9848) "
-        "holding the configs of the given key files, for a zone file. Post-quantum configs "
-        "come first, then the others in the order given.",
+        "holding the configs of the given key files, for a zone file: a GREASE decoy that "
+        "clients skip (RFC 9849 §6.2.2), then post-quantum configs, then the others in the "
+        "order given.",
     )
     dns.add_argument("--name", required=True, help="owner name of the record")
     sources = dns.add_mutually_exclusive_group(required=True)
@@ -128,6 +130,7 @@ def _parser() -> _Parser:
     dns.add_argument("--target", default=".", help="TargetName (default '.': the owner)")
     dns.add_argument("--priority", type=int, default=1, help="SvcPriority (default 1)")
     dns.add_argument("--ttl", type=int, default=300, help="TTL in seconds (default 300)")
+    _add_grease_option(dns, "publish no GREASE decoy config ahead of the real ones")
 
     inspect = commands.add_parser(
         "inspect",
@@ -174,6 +177,9 @@ def _add_keys_parser(commands: Any) -> None:
             help="KEM, repeatable for one key each (default x25519)",
         )
         _add_name_length_options(action)
+        _add_grease_option(
+            action, "no reserved (GREASE) extension in the new config, no decoy in the lists"
+        )
         if name == "rotate":
             action.add_argument(
                 "--grace", default="48h", help="how long retired keys keep decrypting (default 48h)"
@@ -190,6 +196,7 @@ def _add_keys_parser(commands: Any) -> None:
     activate.add_argument(
         "--grace", default="48h", help="how long retired keys keep decrypting (default 48h)"
     )
+    _add_grease_option(activate, "print the published list without a GREASE decoy")
     retire = actions.add_parser(
         "retire", help="make a key decrypt-only for --grace, or delete it with --now"
     )
@@ -197,6 +204,14 @@ def _add_keys_parser(commands: Any) -> None:
     retire.add_argument("stems", nargs="+", help="keys to retire (names from `keys list`)")
     retire.add_argument("--grace", default="48h", help="decrypt-only time (default 48h)")
     retire.add_argument("--now", action="store_true", help="delete at once instead")
+    _add_grease_option(retire, "print the published list without a GREASE decoy")
+
+
+def _add_grease_option(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--no-grease``: turn GREASE (RFC 9849 §6.2.2) off, as ``[ech] grease = false``."""
+    parser.add_argument(
+        "--no-grease", dest="grease", action="store_false", help=f"{text} (RFC 9849 §6.2.2)"
+    )
 
 
 def _add_name_length_options(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +277,7 @@ def _keys(args: argparse.Namespace) -> None:
                     kem_id=_KEMS[kem],
                     taken_ids=taken,
                     maximum_name_length=name_length,
+                    grease=args.grease,
                 )
                 taken.add(key.config_id)
                 added.append(directory.add([key], KeyState.PENDING, now))
@@ -272,7 +288,7 @@ def _keys(args: argparse.Namespace) -> None:
             else:
                 pending = [k.config for r in added for k in read_key_file(r.pem)]
                 print("pending ECHConfigList (publish it, then `echfront keys activate`):")
-                print(base64.b64encode(encode_config_list(preference_order(pending))).decode())
+                print(base64.b64encode(publication_list(pending, grease=args.grease)).decode())
         elif args.action == "activate":
             if args.stems:
                 chosen = [_pick(by_stem, stem) for stem in args.stems]
@@ -294,7 +310,7 @@ def _keys(args: argparse.Namespace) -> None:
     published = [k.config for k in directory.load_keys() if k.published]
     if published:
         print("published ECHConfigList (for DNS and origin-svcb):")
-        print(base64.b64encode(encode_config_list(preference_order(published))).decode())
+        print(base64.b64encode(publication_list(published, grease=args.grease)).decode())
 
 
 def _pick(records: dict[str, KeyRecord], stem: str) -> KeyRecord:
@@ -330,6 +346,7 @@ def _keygen(args: argparse.Namespace) -> None:
         maximum_name_length=_name_length(args),
         suites=tuple(args.suite) if args.suite else DEFAULT_SUITES,
         kem_id=_KEMS[args.kem],
+        grease=args.grease,
     )
     write_key_file(args.out, [key], overwrite=args.force)
     config_list = encode_config_list([key.config])
@@ -355,7 +372,7 @@ def _dns(args: argparse.Namespace) -> None:
     print(
         https_record(
             args.name,
-            encode_config_list(preference_order(configs)),
+            publication_list(configs, grease=args.grease),
             alpn=alpn,
             port=args.port,
             priority=args.priority,

@@ -90,7 +90,7 @@ def load_key_set(config: Config) -> KeySet:
         keys.extend(read_key_file(entry.path, published=entry.published))
     if config.key_directory is not None:
         keys.extend(KeyDirectory(config.key_directory).load_keys())
-    return KeySet(keys)
+    return KeySet(keys, grease=config.grease)
 
 
 def padding_warning(config: Config, keys: KeySet) -> str | None:

@@ -168,6 +168,7 @@ class Config:
     settings: FrontSettings = field(default_factory=FrontSettings)
     trial_decryption: bool = False
     require_public_name: bool = False
+    grease: bool = True
     source: Path | None = None
     metrics_listen: str | None = None
     watch: bool = False
@@ -352,7 +353,10 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         except ConfigError as error:
             raise ConfigError(f"public_name: {error}") from None
 
-    ech = _Section(top.table("ech"), "ech", ("keys", "trial_decryption", "require_public_name"))
+    ech = _Section(
+        top.table("ech"), "ech", ("keys", "trial_decryption", "require_public_name", "grease")
+    )
+    grease = ech.get("grease", bool, True)
     keys = []
     key_entries = ech.get("keys", list, [])
     for index, entry in enumerate(key_entries):
@@ -420,6 +424,8 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     publish = parse_publish(publish_table, base=base)
     if set(publish_table) - {"names"} and rotation is None:
         raise ConfigError("publish: needs [keys] directory and rotate (what to publish)")
+    if rotation is not None:
+        rotation = replace(rotation, grease=grease)  # GREASE, RFC 9849 §6.2.2
     if rotation is not None and "max_name_length" not in top.table("keys"):
         # Keys the front makes pad to the names it routes (RFC 9849 §6.1.3).
         names = (*(route.name for route in routes), *publish.names)
@@ -450,6 +456,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         settings=settings,
         trial_decryption=ech.get("trial_decryption", bool, False),
         require_public_name=ech.get("require_public_name", bool, False),
+        grease=grease,
         source=source,
         metrics_listen=metrics_section.get("listen", str),
         watch=reload_section.get("watch", bool, False),

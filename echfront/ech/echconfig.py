@@ -22,6 +22,7 @@ __all__ = [
     "AEAD_CHACHA20_POLY1305",
     "AEAD_EXPORT_ONLY",
     "ECH_VERSION",
+    "GREASE_EXTENSION_TYPES",
     "HPKE_ALGORITHMS",
     "KDF_HKDF_SHA256",
     "KDF_HKDF_SHA384",
@@ -62,6 +63,14 @@ AEAD_AES_256_GCM = 0x0002
 AEAD_CHACHA20_POLY1305 = 0x0003
 #: An export-only AEAD cannot open ciphertext; it is never accepted (checklist CFG-8).
 AEAD_EXPORT_ONLY = 0xFFFF
+
+#: RFC 9849 §11.3: the reserved ECHConfig extension types, never to be
+#: registered, for GREASE (§6.2.2): 0x0000 ... 0x7A7A have the high bit
+#: clear (clients ignore them), 0x8A8A ... 0xFAFA set (clients skip the config).
+GREASE_EXTENSION_TYPES = (
+    0x0000, 0x1A1A, 0x2A2A, 0x3A3A, 0x4A4A, 0x5A5A, 0x6A6A, 0x7A7A,
+    0x8A8A, 0x9A9A, 0xAAAA, 0xBABA, 0xCACA, 0xDADA, 0xEAEA, 0xFAFA,
+)  # fmt: skip
 
 #: Public keys longer than this many bytes are abbreviated in descriptions:
 #: an X25519 key (32) is shown whole, an X-Wing key (1216) is not.
@@ -314,7 +323,10 @@ class ECHConfig:
         ]
         if self.extensions:
             for ext in self.extensions:
-                flag = " (mandatory)" if ext.mandatory else ""
+                marks = ["mandatory"] if ext.mandatory else []
+                if ext.type in GREASE_EXTENSION_TYPES:
+                    marks.append("reserved: GREASE, RFC 9849 §6.2.2")
+                flag = f" ({', '.join(marks)})" if marks else ""
                 lines.append(f"  extension 0x{ext.type:04x}{flag}: {ext.data.hex() or '(empty)'}")
         else:
             lines.append("  extensions: none")

@@ -12,6 +12,10 @@ itself cannot send ``retry_configs`` when it terminates the public name
 Two KEMs are supported: DHKEM(X25519, HKDF-SHA256) and the post-quantum
 hybrid MLKEM768-X25519 (X-Wing, draft-ietf-hpke-pq).
 
+GREASE (RFC 9849 §6.2.2, :mod:`echfront.ech.grease`): generated configs
+carry a reserved optional extension, and :func:`publication_list` puts a
+decoy config ahead of the real ones in every list echfront publishes.
+
 Bytes and objects only: keys are stored in RFC 9934 PEM files by
 :mod:`echfront.keys.keyfile`.
 """
@@ -31,6 +35,7 @@ from echfront.ech.echconfig import (
     encode_config_list,
     validate_public_name,
 )
+from echfront.ech.grease import GREASE_TYPES, decoy_config, grease_extension, is_decoy
 from echfront.ech.hpke import (
     DEFAULT_SUITES,
     SUPPORTED_AEADS,
@@ -40,7 +45,14 @@ from echfront.ech.hpke import (
 )
 from echfront.errors import ConfigError
 
-__all__ = ["ECH_INFO_PREFIX", "ECHKey", "KeySet", "generate_key", "preference_order"]
+__all__ = [
+    "ECH_INFO_PREFIX",
+    "ECHKey",
+    "KeySet",
+    "generate_key",
+    "preference_order",
+    "publication_list",
+]
 
 #: RFC 9849 §6.1 / §7.1: HPKE info is "tls ech" || 0x00 || ECHConfig.
 ECH_INFO_PREFIX = b"tls ech\x00"
@@ -93,6 +105,7 @@ def generate_key(
     taken_ids: Iterable[int] = (),
     extensions: Sequence[ECHConfigExtension] = (),
     kem_id: int = KEM_X25519_HKDF_SHA256,
+    grease: bool = True,
 ) -> ECHKey:
     """Generate an ECH key and its ECHConfig (RFC 9849 §4).
 
@@ -104,6 +117,9 @@ def generate_key(
         the keys a server holds; checklist CFG-6).
     :param maximum_name_length: longest inner name clients should pad to;
         0 when unknown (§4, CFG-4).
+    :param grease: add a reserved extension type with the high bit clear,
+        of a random type, after ``extensions`` (§6.2.2, CFG-9), unless
+        ``extensions`` already holds a reserved type.
     :raises ConfigError: for a bad public name, an exhausted id space, or
         an unsupported KEM or suite.
     """
@@ -131,6 +147,8 @@ def generate_key(
         recipient = RecipientKey.generate(kem_id)
     except ValueError as error:  # a cryptography build without ML-KEM
         raise ConfigError(str(error)) from None
+    if grease and not any(ext.type in GREASE_TYPES for ext in extensions):
+        extensions = (*extensions, grease_extension())
     config = ECHConfig(
         config_id=config_id,
         kem_id=recipient.kem_id,
@@ -163,6 +181,27 @@ def _classical(config: ECHConfig) -> bool:
     return config.kem_id not in POST_QUANTUM_KEMS
 
 
+def publication_list(configs: Iterable[ECHConfig], *, grease: bool = True) -> bytes:
+    """The ECHConfigList to publish for ``configs`` (DNS, origin-svcb; RFC 9849 §4, §6.2.2).
+
+    The configs in :func:`preference_order`, each once, led by a GREASE
+    decoy (:func:`echfront.ech.grease.decoy_config`) unless ``grease`` is
+    False.  The decoy comes first so that a client which ignores the
+    mandatory bit uses it and fails at once, where it would otherwise never
+    reach it; a correct client skips it and uses the next config.  Decoys
+    already among ``configs`` (a list read back from DNS) are dropped and
+    derived anew, so the result depends only on the real configs.
+
+    :raises ValueError: when ``configs`` holds no real config.
+    """
+    real: list[ECHConfig] = []
+    for config in preference_order(configs):
+        if not is_decoy(config) and config not in real:
+            real.append(config)
+    decoy = decoy_config(real) if grease else None
+    return encode_config_list([decoy, *real] if decoy is not None else real)
+
+
 class KeySet:
     """The ECH keys one front holds, indexed for the decoder (RFC 9849 §7.1).
 
@@ -172,10 +211,21 @@ class KeySet:
     in progress keep the set they started with.
     """
 
-    __slots__ = ("_by_id", "_decrypting", "_published", "_retry_config_list", "keys")
+    __slots__ = (
+        "_by_id",
+        "_decrypting",
+        "_publication_list",
+        "_published",
+        "_retry_config_list",
+        "keys",
+    )
 
-    def __init__(self, keys: Iterable[ECHKey] = ()) -> None:
-        """Index ``keys``; retry-only configs (no private key) are never candidates."""
+    def __init__(self, keys: Iterable[ECHKey] = (), *, grease: bool = True) -> None:
+        """Index ``keys``; retry-only configs (no private key) are never candidates.
+
+        :param grease: lead :attr:`publication_list` with a GREASE decoy
+            (RFC 9849 §6.2.2; ``[ech] grease``).
+        """
         self.keys: tuple[ECHKey, ...] = tuple(keys)
         by_id: dict[int, list[ECHKey]] = {}
         for key in self.keys:
@@ -188,6 +238,7 @@ class KeySet:
         )
         published = [k.config for k in self._published]
         self._retry_config_list = encode_config_list(published) if published else None
+        self._publication_list = publication_list(published, grease=grease) if published else None
 
     def __len__(self) -> int:
         """Number of configs held."""
@@ -218,10 +269,20 @@ class KeySet:
     def retry_config_list(self) -> bytes | None:
         """The ECHConfigList of :attr:`published` configs, or None if there are none.
 
-        Also what ``/.well-known/origin-svcb`` serves: one list, post-quantum
-        configs first, so every client finds the best config it supports.
+        One list, post-quantum configs first, so every client finds the best
+        config it supports; :attr:`publication_list` adds the GREASE decoy.
         """
         return self._retry_config_list
+
+    @property
+    def publication_list(self) -> bytes | None:
+        """What ``/.well-known/origin-svcb`` serves: :attr:`published` as :func:`publication_list`.
+
+        The same bytes as DNS carries for this key set: a GREASE decoy (unless
+        turned off), then :attr:`retry_config_list`'s configs.  None when no
+        config is published.
+        """
+        return self._publication_list
 
     @property
     def config_ids(self) -> frozenset[int]:

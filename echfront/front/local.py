@@ -12,14 +12,21 @@ pyOpenSSL has no ECH API, so a connection whose ECH was rejected and is
 terminated here cannot receive ``retry_configs`` (RFC 9849 §7.1, checklist
 REJ-2).  Route such connections to an ECH-capable public-name backend when
 that matters (see docs/security.rst).
+
+A client that wanted ECH and sees it rejected ends such a connection with
+the ``ech_required`` alert (RFC 9849 §6.1.6).  Since the front terminates
+TLS here it can read that alert, and it counts every alert clients send
+(``echfront_client_alerts_total``): §7.1 tells servers to watch
+``ech_required`` rather than decryption failures, which GREASE causes too.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from OpenSSL import SSL
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import directlyProvides, providedBy
 
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
     from echfront.front.connection import ClientSide, ConnectionRecord, StreamTransport
+    from echfront.front.metrics import Metrics
 
 __all__ = ["LocalHandoff", "hello_info_for", "local_target"]
 
@@ -41,6 +49,33 @@ __all__ = ["LocalHandoff", "hello_info_for", "local_target"]
 _HELLO_BY_TRANSPORT: weakref.WeakKeyDictionary[object, ClientHelloInfo] = (
     weakref.WeakKeyDictionary()
 )
+
+
+#: Where the alerts each locally terminated connection's client sends are
+#: counted, keyed like :data:`_HELLO_BY_TRANSPORT` (Twisted makes the TLS
+#: protocol the pyOpenSSL connection's app data, which is how the context's
+#: info callback finds the entry).
+_ALERT_SINKS: weakref.WeakKeyDictionary[object, Callable[[int], object]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+_READ_ALERT = SSL.SSL_CB_READ_ALERT
+
+
+def _read_alerts(connection: SSL.Connection, where: int, value: int) -> None:
+    """Hand each alert a client sends to its connection's sink (a pyOpenSSL info callback).
+
+    OpenSSL calls it with ``SSL_CB_READ_ALERT`` and ``level << 8 |
+    description`` for every alert record it reads.  close_notify (0) is the
+    normal end of a connection, not worth a count.  Called from C: it must
+    not raise, and it only looks things up.
+    """
+    # SSL_CB_READ_ALERT is two bits (read, alert): both must be set.
+    if where & _READ_ALERT == _READ_ALERT and value & 0xFF:
+        sink = _ALERT_SINKS.get(connection.get_app_data())
+        if sink is not None:
+            sink(value & 0xFF)
 
 
 def hello_info_for(transport: object) -> ClientHelloInfo | None:
@@ -72,9 +107,13 @@ def local_target(
 ) -> Local:
     """A :class:`~echfront.targets.Local` target terminating TLS with ``options``.
 
-    :param options: from :func:`echfront.front.tlsoptions.load_certificate_options`.
+    :param options: from :func:`echfront.front.tlsoptions.load_certificate_options`;
+        its context gets the info callback that reads clients' alerts.
     :param reactor: for the TLS layer's write timer.
     """
+    # The context is built once and cached by the options (as tlsoptions
+    # relies on for ALPN); every connection of this target shares it.
+    options.getContext().set_info_callback(_read_alerts)
     return Local(name, _UnbufferedTLSFactory(options, False, app_factory, clock=reactor))
 
 
@@ -109,13 +148,17 @@ class LocalHandoff:
     :param client: the client's connection; the hand-off rebinds its input.
     :param info: the decoded first ClientHello (what to replay to TLS).
     :param target: the local service.
+    :param metrics: where the alerts the client sends are counted.
     """
 
-    def __init__(self, client: ClientSide, info: ClientHelloInfo, target: Local) -> None:
+    def __init__(
+        self, client: ClientSide, info: ClientHelloInfo, target: Local, *, metrics: Metrics
+    ) -> None:
         """Prepare to hand ``client``'s connection to ``target``."""
         self.client = client
         self.info = info
         self.target = target
+        self.metrics = metrics
         self._tls: TLSMemoryBIOProtocol | None = None
 
     def start(self, pending: bytes) -> None:
@@ -130,6 +173,7 @@ class LocalHandoff:
             client.refuse(error.alert, str(error))
             return
         _HELLO_BY_TRANSPORT[tls] = self.info
+        _ALERT_SINKS[tls] = self.metrics.client_alert
         self._tls = tls
         record = client.record
         tls.makeConnection(_CountingTransport(client.transport, record))

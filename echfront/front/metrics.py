@@ -118,6 +118,14 @@ class Metrics:
             ("limit",),
             registry=r,
         )
+        self.client_alerts = Counter(
+            "echfront_client_alerts_total",
+            "TLS alerts received from clients on connections the front terminates (the "
+            "public name, local names), by alert; close_notify is not counted. "
+            "ech_required: clients that wanted ECH and saw it rejected (RFC 9849 §7.1).",
+            ("alert",),
+            registry=r,
+        )
         self.reloads = Counter(
             "echfront_reloads_total",
             "Configuration reloads by result.",
@@ -177,6 +185,10 @@ class Metrics:
             self.relayed_bytes.labels("backend_to_client").inc(record.bytes_to_client)
         if record.limit:
             self.limited.labels(record.limit).inc()
+
+    def client_alert(self, description: int) -> None:
+        """Count an alert a client sent on a locally terminated connection (RFC 9849 §7.1)."""
+        self.client_alerts.labels(alert_name(description)).inc()
 
 
 def key_publications_counter(registry: CollectorRegistry) -> PrometheusCounter:

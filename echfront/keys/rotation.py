@@ -8,7 +8,8 @@ of ``--workers``) drives the key directory (:mod:`echfront.keys.keydir`):
    generates a *pending* key set (one key per configured KEM) and makes
    every front load it, so the new key decrypts everywhere before any
    client can learn it;
-2. it publishes the pending configs (post-quantum first) and verifies, by
+2. it publishes the pending configs (a GREASE decoy, then post-quantum
+   first; :func:`~echfront.ech.keyset.publication_list`) and verifies, by
    asking the authoritative server, that the records now carry exactly
    them; only then does the pending set become *active* (served in
    origin-svcb and as the retry list) and the previous active set
@@ -35,8 +36,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from echfront.ech.echconfig import KEM_X25519_HKDF_SHA256, encode_config_list
-from echfront.ech.keyset import generate_key, preference_order
+from echfront.ech.echconfig import KEM_X25519_HKDF_SHA256
+from echfront.ech.keyset import generate_key, publication_list
 from echfront.errors import ConfigError
 from echfront.interfaces import IPublisher
 from echfront.keys.keydir import KeyDirectory, KeyRecord, KeyState
@@ -52,6 +53,8 @@ class RotationPolicy:
     :ivar rotate_every: seconds between rotations; 0: only bootstrap.
     :ivar grace: seconds a replaced key keeps decrypting.
     :ivar kems: one key per KEM in each key set (post-quantum published first).
+    :ivar grease: GREASE (RFC 9849 §6.2.2, ``[ech] grease``): new configs carry a
+        reserved optional extension, and the published list leads with a decoy.
     """
 
     public_name: str
@@ -62,6 +65,7 @@ class RotationPolicy:
     check_interval: float = 60.0
     verify_timeout: float = 60.0
     verify_interval: float = 2.0
+    grease: bool = True
 
 
 class Rotator(Service):
@@ -166,6 +170,7 @@ class Rotator(Service):
                 kem_id=kem_id,
                 taken_ids=taken,
                 maximum_name_length=self.policy.maximum_name_length,
+                grease=self.policy.grease,
             )
             taken.add(key.config_id)
             created.append(self.directory.add([key], KeyState.PENDING, now))
@@ -176,10 +181,10 @@ class Rotator(Service):
 
     async def _promote(self, pending: list[KeyRecord], active: list[KeyRecord]) -> None:
         """Publish the pending set; once verified, make it active."""
-        configs = preference_order(
-            key.config for record in pending for key in read_key_file(record.pem)
+        config_list = publication_list(
+            (key.config for record in pending for key in read_key_file(record.pem)),
+            grease=self.policy.grease,
         )
-        config_list = encode_config_list(configs)
         if self.publisher is not None:
             try:
                 await self.publisher.publish(config_list)
