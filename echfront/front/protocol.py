@@ -248,27 +248,18 @@ class FrontProtocol(Protocol):
         info = self.info
         assert info is not None
         client: ClientSide = self
-        handler: Handler | None = None
-        # A lean engine's transport (echfront.front.leantransport) relays
-        # plain TCP backends itself; for any other target it first hands the
-        # socket to a Twisted transport and answers None.
-        engine_handler = getattr(self.transport, "handler_for", None)
-        if engine_handler is not None:
-            handler = engine_handler(
-                client, info, route, metrics=self.factory.metrics, settings=self.state.settings
+        handler: Handler
+        if isinstance(route, Backend):
+            handler = Relay(
+                client,
+                info,
+                route,
+                self.reactor,
+                metrics=self.factory.metrics,
+                settings=self.state.settings,
             )
-        if handler is None:
-            if isinstance(route, Backend):
-                handler = Relay(
-                    client,
-                    info,
-                    route,
-                    self.reactor,
-                    metrics=self.factory.metrics,
-                    settings=self.state.settings,
-                )
-            else:
-                handler = LocalHandoff(client, info, route, metrics=self.factory.metrics)
+        else:
+            handler = LocalHandoff(client, info, route, metrics=self.factory.metrics)
         self._handler = handler
         # Built once, here: bytes that came with the ClientHello, then any
         # a transport ignoring the pause delivered while routing.
@@ -420,14 +411,9 @@ class FrontFactory(Factory):
         """
         return self.build(addr, proxied=False)
 
-    def listener(self, *, proxied: bool = False, bare_port: bool = False) -> ListenerFactory:
-        """The factory an endpoint listens with (an :class:`~.accept.ListenerFactory`).
-
-        :param proxied: a ``[proxy] listen`` endpoint.
-        :param bare_port: the endpoint listens with Twisted's own port
-            (:func:`~echfront.front.accept.closes_refused`).
-        """
-        return ListenerFactory(self, proxied=proxied, bare_port=bare_port)
+    def listener(self, *, proxied: bool = False) -> ListenerFactory:
+        """The factory an endpoint listens with (``proxied``: a ``[proxy] listen`` one)."""
+        return ListenerFactory(self, proxied=proxied)
 
     def build(self, addr: IAddress, *, proxied: bool) -> FrontProtocol | None:
         """A connection from ``addr``, or None when a limit refuses it (counted).
