@@ -1,7 +1,8 @@
 """The running application: the service tree, workers, the demo.
 
 Owns: the running front with its reload, shutdown and key-rotation schedule
-(:mod:`~echfront.app.service`), the ``--workers`` supervisor
+(:mod:`~echfront.app.service`), a front's part in a fleet
+(:mod:`~echfront.app.fleet`), the ``--workers`` supervisor
 (:mod:`~echfront.app.workers`), and the demo's keys, CA and configuration
 (:mod:`~echfront.app.demo`, :mod:`~echfront.app.certs`).
 

@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from echfront.app.fleet import FleetService
 from echfront.app.workers import Supervisor, shared_listeners, worker_listen
 from echfront.config.build import (
     build_publisher,
@@ -57,11 +58,11 @@ from echfront.config.build import (
 )
 from echfront.config.schema import Config, PublishConfig
 from echfront.dns.rfc2136 import TSIGKey
-from echfront.ech.keyset import KeySet
+from echfront.ech.keyset import ECHKey, KeySet
 from echfront.errors import ConfigError
 from echfront.front.metrics import Metrics, MetricsResource, key_publications_counter
 from echfront.front.protocol import FrontFactory
-from echfront.interfaces import IPublisher
+from echfront.interfaces import IPublisher, StoreSnapshot
 from echfront.keys.keydir import KeyDirectory
 from echfront.keys.rotation import RotationPolicy, Rotator
 from echfront.web import QuietSite
@@ -223,9 +224,12 @@ class FrontService(MultiService):
         self._watched: dict[Path, tuple[int, int, int] | None] = {}
         self._watcher: LoopingCall | None = None
         self._previous_hup: Any = None
+        listeners = []
         if worker is None:
-            for endpoint, factory in self._listeners(reactor):
-                StreamServerEndpointService(endpoint, factory).setServiceParent(self)
+            listeners = [StreamServerEndpointService(e, f) for e, f in self._listeners(reactor)]
+            # In a fleet they start with its first key set (FleetService).
+            for listener in listeners if self.config.fleet is None else ():
+                listener.setServiceParent(self)
             if self.config.metrics_listen:
                 metrics_service(
                     self.config.metrics_listen, self.metrics.registry, reactor
@@ -236,6 +240,18 @@ class FrontService(MultiService):
                 reactor, self, on_change=self.reload, publications=self.metrics.key_publications
             )
             self.rotation.apply(self.rotation.prepare(self.config))
+        #: The fleet's keys in service ([keys] store = "etcd"); reloads keep them.
+        self._store_keys: tuple[ECHKey, ...] = ()
+        self.fleet: FleetService | None = None
+        if self.config.fleet is not None:
+            self.fleet = FleetService(
+                self.config,
+                reactor,
+                apply=self.serve_store_keys,
+                listeners=listeners,
+                metrics=self.metrics,
+            )
+            self.fleet.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _listeners(self, reactor: Any) -> list[tuple[Any, Any]]:
         """Each listening endpoint with the factory it listens with.
@@ -266,8 +282,11 @@ class FrontService(MultiService):
         """
         try:
             config = self.load()
-            state = build_state(config, self.reactor, self.current_keys)
+            state = build_state(
+                config, self.reactor, self.current_keys, store_keys=self._store_keys
+            )
             plan = self.rotation.prepare(config) if self.rotation is not None else None
+            fleet_plan = self.fleet.prepare(config) if self.fleet is not None else None
         except ConfigError as error:
             self.metrics.reloads.labels("failure").inc()
             self.log.error(
@@ -285,6 +304,8 @@ class FrontService(MultiService):
         self.factory.state = state
         if self.rotation is not None:
             self.rotation.apply(plan)
+        if self.fleet is not None:
+            self.fleet.apply(fleet_plan, config)
         self.metrics.set_keys(state.decoder.keys)
         self.metrics.reloads.labels("success").inc()
         self._snapshot()
@@ -292,6 +313,24 @@ class FrontService(MultiService):
             "reloaded: {keys} ECH configs, {targets} targets",
             keys=len(state.decoder.keys),
             targets=len(state.targets),
+        )
+        return True
+
+    def serve_store_keys(self, snapshot: StoreSnapshot) -> bool:
+        """Serve new connections with the fleet's keys in ``snapshot``, as a reload does."""
+        keys = tuple(snapshot.ech_keys())
+        try:
+            state = build_state(self.config, self.reactor, self.current_keys, store_keys=keys)
+        except ConfigError as error:
+            self.log.error("the fleet's new key set is not in service: {error}", error=str(error))
+            return False
+        self._store_keys, self.factory.state = keys, state
+        self.metrics.set_keys(state.decoder.keys)
+        described = ", ".join(f"{k.key_id} ({k.state.value})" for k in snapshot.keys)
+        self.log.info(
+            "serving the fleet's keys of revision {revision}: {keys}",
+            revision=snapshot.revision,
+            keys=described or "none",
         )
         return True
 
@@ -401,6 +440,8 @@ def supervisor_service(
     :raises ConfigError: for a configuration a worker could not serve.
     """
     config = load()
+    if config.fleet is not None:
+        raise ConfigError('workers: a fleet member ([keys] store = "etcd") runs as one process')
     build_state(config, reactor, KeySet)  # fail here, once, rather than in every worker
     supervisor = Supervisor(
         reactor,

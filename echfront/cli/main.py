@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from echfront._version import __version__
 from echfront.app.trybrowser import add_try_parser, run_try
 from echfront.cli.check import add_check_parser, run_check
+from echfront.cli.fleet import add_fleet_parser, run_fleet
 from echfront.config.schema import load_config_file
 from echfront.dns.svcb import https_record
 from echfront.ech.echconfig import (
@@ -142,6 +143,7 @@ def _parser() -> _Parser:
     _add_keys_parser(commands)
     add_check_parser(commands)
     add_try_parser(commands)
+    add_fleet_parser(commands)
     return parser
 
 
@@ -431,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         # Its own exit status: 1 when a finding is an error (see echfront.cli.check).
         return run_check(args)
+    if args.command == "fleet":
+        return run_fleet(args)  # runs the reactor; its own exit status (echfront.cli.fleet)
     if args.command == "try":
         return run_try(args)  # runs the reactor; its own exit status (echfront.app.trybrowser)
     handlers = {"keygen": _keygen, "dns": _dns, "inspect": _inspect, "keys": _keys}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from echfront.dns.command import CommandPublisher
 from echfront.dns.rfc2136 import TSIG_ALGORITHMS, RFC2136Publisher, TSIGKey, parse_tsig_secret_file
 from echfront.dns.verify import Verifier, absolute_name, describe_error
 from echfront.ech.decoder import ECHDecoder
-from echfront.ech.keyset import KeySet
+from echfront.ech.keyset import ECHKey, KeySet
 from echfront.ech.padding import longest_name
 from echfront.errors import ConfigError
 from echfront.front.exitlink import ExitListenEndpoint, exit_tls_options
@@ -83,13 +83,17 @@ def resolve_dotted(name: str, where: str) -> Any:
     return value
 
 
-def load_key_set(config: Config) -> KeySet:
-    """Every key the front serves: ``[ech] keys`` files and the ``[keys]`` directory."""
+def load_key_set(config: Config, store_keys: Sequence[ECHKey] = ()) -> KeySet:
+    """Every key the front serves: ``[ech] keys`` files, the ``[keys]`` directory, ``store_keys``.
+
+    :param store_keys: a fleet's keys, from its key store (``[keys] store``).
+    """
     keys = []
     for entry in config.keys:
         keys.extend(read_key_file(entry.path, published=entry.published))
     if config.key_directory is not None:
         keys.extend(KeyDirectory(config.key_directory).load_keys())
+    keys.extend(store_keys)
     return KeySet(keys, grease=config.grease)
 
 
@@ -151,15 +155,22 @@ def _call_factory(
     return made
 
 
-def build_state(config: Config, reactor: Any, current_keys: Callable[[], KeySet]) -> FrontState:
+def build_state(
+    config: Config,
+    reactor: Any,
+    current_keys: Callable[[], KeySet],
+    *,
+    store_keys: Sequence[ECHKey] = (),
+) -> FrontState:
     """Read files and build everything a :class:`~echfront.front.state.FrontState` holds.
 
     :param current_keys: returns the key set in service at call time; local
         services (the origin-svcb document) call it per request, so they
         follow reloads.
+    :param store_keys: a fleet's keys, from its key store (``[keys] store``).
     :raises ConfigError: one line naming the file or key and the problem.
     """
-    keys = load_key_set(config)
+    keys = load_key_set(config, store_keys)
     warning = padding_warning(config, keys)
     if warning is not None:
         _log.warn("{warning}", warning=warning)

@@ -42,7 +42,9 @@ from echfront.ech.echconfig import option_names, validate_public_name
 from echfront.ech.padding import derive_maximum_name_length
 from echfront.errors import AlertDescription, ConfigError
 from echfront.front.state import FrontSettings
+from echfront.keys.etcdapi import EtcdSettings
 from echfront.keys.rotation import RotationPolicy, parse_duration
+from echfront.keys.stores import check_member_name
 from echfront.routing import validate_pattern
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "BackendConfig",
     "Config",
     "ExitConfig",
+    "FleetConfig",
     "KeyFileConfig",
     "LocalConfig",
     "PublishConfig",
@@ -148,6 +151,26 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """``[keys] store = "etcd"`` and ``[keys.etcd]``: a fleet sharing its keys in etcd.
+
+    Files are only named here (absolute paths); they are read when the
+    store is built (:mod:`echfront.app.fleet`).  See docs/configuration.rst.
+
+    :ivar etcd: how to reach the cluster (the password is read later from
+        :attr:`password_file`, so it is None here).
+    :ivar member: this front's name in the fleet; None: the host name.
+    """
+
+    etcd: EtcdSettings
+    kek_file: Path
+    previous_kek_files: tuple[Path, ...] = ()
+    password_file: Path | None = None
+    member: str | None = None
+    member_ttl: float = 15.0
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated configuration (see docs/configuration.rst)."""
 
@@ -179,6 +202,7 @@ class Config:
     rotation: RotationPolicy | None = None
     publish: PublishConfig = field(default_factory=PublishConfig)
     exit: ExitConfig | None = None
+    fleet: FleetConfig | None = None
 
     def routed_names(self) -> tuple[str, ...]:
         """The private names clients may ask for: route patterns, then ``[publish] names``.
@@ -420,10 +444,15 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     if rejected_text is not None:
         rejected = _target_of("rejected", rejected_text, backends, locals_, public is not None)
     key_directory, rotation = _keys_section(top.table("keys"), base, public_name)
+    fleet = _fleet_config(top.table("keys"), base, key_directory)
     publish_table = top.table("publish")
     publish = parse_publish(publish_table, base=base)
     if set(publish_table) - {"names"} and rotation is None:
         raise ConfigError("publish: needs [keys] directory and rotate (what to publish)")
+    publishing = rotation is not None and publish.method != "none"
+    if fleet is not None and publishing and fleet.member_ttl < publish.timeout + 2:
+        # The fleet's leader holds its lease through a whole publication.
+        raise ConfigError("keys.etcd.member_ttl: must be at least publish.timeout + 2 seconds")
     if rotation is not None:
         rotation = replace(rotation, grease=grease)  # GREASE, RFC 9849 §6.2.2
     if rotation is not None and "max_name_length" not in top.table("keys"):
@@ -467,6 +496,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         rotation=rotation,
         publish=publish,
         exit=exit_link,
+        fleet=fleet,
     )
 
 
@@ -544,15 +574,18 @@ def _keys_section(
             "check_interval",
             "verify_timeout",
             "public_name",
+            "store",
+            "etcd",
         ),
     )
     directory = section.path("directory", base, required=False)
     if "rotate" not in table:
-        if len(table) > (1 if directory is not None else 0):
+        stores = len({"store", "etcd"} & set(table))
+        if len(table) - stores > (1 if directory is not None else 0):
             raise ConfigError('keys: rotation settings need rotate = ... (e.g. "24h")')
         return directory, None
-    if directory is None:
-        raise ConfigError("keys.directory: required for rotation")
+    if directory is None and table.get("store") != "etcd":
+        raise ConfigError('keys.directory: required for rotation (or store = "etcd")')
     name = section.get("public_name", str, public_name)
     if not name:
         raise ConfigError("keys.public_name: required for rotation (or set public_name)")
@@ -581,6 +614,87 @@ def _keys_section(
         verify_timeout=parse_duration(table.get("verify_timeout", "1m"), "keys.verify_timeout"),
     )
     return directory, policy
+
+
+def _fleet_config(
+    table: Mapping[str, Any], base: Path, directory: Path | None
+) -> FleetConfig | None:
+    """``[keys] store`` and ``[keys.etcd]``: where a fleet's keys live (None: a directory)."""
+    store = table.get("store", "directory")
+    if store not in ("directory", "etcd"):
+        raise ConfigError(f'keys.store: expected "directory" or "etcd", got {store!r}')
+    if store == "directory":
+        if "etcd" in table:
+            raise ConfigError('keys.etcd: only used with store = "etcd"')
+        return None
+    if directory is not None:
+        raise ConfigError('keys.directory: not used with store = "etcd" (the keys live in etcd)')
+    if not isinstance(table.get("etcd"), dict):
+        raise ConfigError('keys.etcd: required with store = "etcd" (endpoints and kek_file)')
+    section = _Section(
+        table["etcd"],
+        "keys.etcd",
+        (
+            "endpoints",
+            "prefix",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "user",
+            "password_file",
+            "kek_file",
+            "previous_kek_files",
+            "member",
+            "member_ttl",
+            "timeout",
+        ),
+    )
+    endpoints = section.texts("endpoints")
+    if endpoints is None:
+        raise ConfigError("keys.etcd.endpoints: required (client URLs like https://10.0.0.1:2379)")
+    user = section.text("user")
+    password_file = section.path("password_file", base, required=False)
+    if (user is None) != (password_file is None):
+        raise ConfigError("keys.etcd: user and password_file go together")
+    timeout = parse_duration(section.data.get("timeout", "5s"), "keys.etcd.timeout")
+    if timeout <= 0:
+        raise ConfigError("keys.etcd.timeout: must be greater than 0")
+    try:
+        settings = EtcdSettings(
+            endpoints,
+            section.text("prefix") or "/echfront/",
+            section.path("ca_file", base, required=False),
+            section.path("cert_file", base, required=False),
+            section.path("key_file", base, required=False),
+            user,
+            None if user is None else "",
+            timeout,
+        )
+    except ConfigError as error:
+        raise ConfigError(f"keys.{error}") from None
+    kek_file = section.path("kek_file", base)
+    assert kek_file is not None  # required
+    previous = section.strings("previous_kek_files") or ()
+    member = section.text("member")
+    if member is not None:
+        try:
+            check_member_name(member)
+        except ConfigError as error:
+            raise ConfigError(f"keys.etcd.{error}") from None
+    member_ttl = parse_duration(section.data.get("member_ttl", "15s"), "keys.etcd.member_ttl")
+    if member_ttl < 2:
+        raise ConfigError("keys.etcd.member_ttl: must be at least 2 seconds")
+    return FleetConfig(
+        etcd=settings,
+        kek_file=kek_file,
+        previous_kek_files=tuple(
+            path if path.is_absolute() else base / path
+            for path in (Path(p).expanduser() for p in previous)
+        ),
+        password_file=password_file,
+        member=member,
+        member_ttl=member_ttl,
+    )
 
 
 #: Keys only one publication method uses.

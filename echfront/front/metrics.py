@@ -19,6 +19,7 @@ scrape), with prometheus_client's names, types, labels and samples.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from echfront.ech.keyset import KeySet
     from echfront.front.connection import ConnectionRecord
 
-__all__ = ["Metrics", "MetricsResource", "key_publications_counter"]
+__all__ = ["FleetMetrics", "Metrics", "MetricsResource", "key_publications_counter"]
 
 _BYTES_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -204,6 +205,79 @@ def key_publications_counter(registry: CollectorRegistry) -> PrometheusCounter:
         ("result",),
         registry=registry,
     )
+
+
+class FleetMetrics:
+    """A fleet member's view of the fleet (``[keys] store = "etcd"``; docs/operations.rst).
+
+    Registered only by fronts in a fleet.  Every front exports them, so a
+    dashboard sees the fleet from any front; ``echfront_fleet_leader`` is 1
+    on exactly one front while the fleet has a leader.
+    """
+
+    def __init__(self, registry: CollectorRegistry, phases: Sequence[str]) -> None:
+        """Register the fleet gauges; ``phases`` are the rotation phases' names."""
+        r = registry
+        self.phases = tuple(phases)
+        self.members = Gauge(
+            "echfront_fleet_members",
+            "Live members of the fleet (fronts registered in the key store), as last seen.",
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "echfront_fleet_store_up",
+            "1 while this front follows the key store; 0 while it cannot reach it "
+            "(it serves its last key set; the rotation pauses).",
+            registry=r,
+        )
+        self.leader = Gauge(
+            "echfront_fleet_leader",
+            "1 on the front that leads the fleet's key rotation, else 0.",
+            registry=r,
+        )
+        self.phase = Gauge(
+            "echfront_fleet_rotation_phase",
+            "The rotation phase the leader last recorded (1), the others 0.",
+            ("phase",),
+            registry=r,
+        )
+        self.since_rotation = Gauge(
+            "echfront_fleet_seconds_since_rotation",
+            "Seconds since new keys last became active in the fleet.",
+            registry=r,
+        )
+        self.barrier_wait = Gauge(
+            "echfront_fleet_barrier_wait_seconds",
+            "How long the rotation waits at a barrier (load: every member loaded the "
+            "pending keys; dns: every authoritative server shows them): the current "
+            "wait, else the last one.",
+            ("barrier",),
+            registry=r,
+        )
+
+    def update(
+        self,
+        *,
+        members: int,
+        store_up: bool,
+        leader: bool,
+        phase: str | None,
+        since_rotation: float | None,
+        load_wait: float | None,
+        dns_wait: float | None,
+    ) -> None:
+        """Set every gauge (after each look at the store)."""
+        self.members.set(members)
+        self.store_up.set(1 if store_up else 0)
+        self.leader.set(1 if leader else 0)
+        for name in self.phases:
+            self.phase.labels(name).set(1 if name == phase else 0)
+        if since_rotation is not None:
+            self.since_rotation.set(since_rotation)
+        if load_wait is not None:
+            self.barrier_wait.labels("load").set(load_wait)
+        if dns_wait is not None:
+            self.barrier_wait.labels("dns").set(dns_wait)
 
 
 class MetricsResource(Resource):

@@ -2,7 +2,13 @@
 
 Owns: RFC 9934 PEM key files (:mod:`~echfront.keys.keyfile`), the key
 directory with its states (:mod:`~echfront.keys.keydir`), and automatic
-rotation (:mod:`~echfront.keys.rotation`).
+rotation (:mod:`~echfront.keys.rotation`); the key stores behind
+:class:`~echfront.interfaces.IKeyStore` (:mod:`~echfront.keys.stores`, and
+etcd: :mod:`~echfront.keys.etcd`, :mod:`~echfront.keys.etcdapi`,
+:mod:`~echfront.keys.etcdstore`, :mod:`~echfront.keys.etcdwatch`, with
+:mod:`~echfront.keys.sealing`); and a fleet's rotation
+(:mod:`~echfront.keys.fleet`, :mod:`~echfront.keys.fleetleader`,
+:mod:`~echfront.keys.fleetmember`, :mod:`~echfront.keys.etcdfleet`).
 
 May import: :mod:`echfront.ech`, :mod:`echfront.errors`,
 :mod:`echfront.interfaces`, :mod:`echfront.dns` and Twisted.
