@@ -485,7 +485,9 @@ def run_fleet(fleet: Fleet, cycles: int, rounds: int = 1) -> None:
             for phase in ("idle", "load_barrier", "publishing", "dns_barrier", "activating")
         ]
         assert sum(phases) == 1, phases
-        assert fleet.metric(name, 'echfront_fleet_barrier_wait_seconds{barrier="load"}') < 1.0
+        # The last barrier may have waited for a front still backing off after
+        # the outage (its watch retries every 2 s at most): a bound, not 1 s.
+        assert 0 <= fleet.metric(name, 'echfront_fleet_barrier_wait_seconds{barrier="load"}') < 5
     fleet.stop_threads()
     check_clients(fleet)
     assert len(fleet.results) >= 30
