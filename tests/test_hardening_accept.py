@@ -59,6 +59,7 @@ from echfront.ech.decoder import ECHDecoder
 from echfront.ech.keyset import KeySet
 from echfront.errors import ConfigError
 from echfront.front import splice
+from echfront.front.accept import closes_refused
 from echfront.front.connection import CONNECTION_EVENT
 from echfront.front.protocol import FrontFactory
 from echfront.front.proxyproto import ProxyHeaderReader, v2_header
@@ -219,16 +220,43 @@ class RealFrontCase(TestCase):
 class RefusalOnEveryEndpointTests(RealFrontCase):
     """With max_connections = 1, the second connection is closed at once and counted."""
 
-    def listen(self, kind: str, factory: FrontFactory) -> Callable[[], socket.socket]:
-        """Listen on an endpoint of ``kind``; return what opens a client connection."""
-        if kind == "tcp":
-            port = self.listen_tcp(factory.listener())
-            return lambda: self.connect(port)
-        if kind == "unix":
+    @inlineCallbacks
+    def listen(self, kind: str, factory: FrontFactory, *, bare: bool) -> Any:
+        """Listen on an endpoint of ``kind`` as the service does; what opens a connection.
+
+        ``bare``: answer refusals with None where the endpoint's port closes
+        the socket itself (``closes_refused``), as the service does;
+        otherwise always with a Refused protocol.
+        """
+        if kind == "systemd":
+            # What systemd passes: a listening socket in LISTEN_FDS, named.
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(8)
+            # Handed over: the endpoint closes its descriptor once adopted.
+            self.patch(_SystemdParser, "_sddaemon", ListenFDs([sock.detach()], ["https"]))
+            description = "systemd:domain=INET:name=https"
+        elif kind == "unix":
             path = str(scratch(self) / "front.sock")
-            endpoint = serverFromString(reactor, f"unix:{path}")
-            listening = endpoint.listen(factory.listener())
-            self.addCleanup(lambda: listening.addCallback(lambda p: p.stopListening()))
+            description = f"unix:{path}"
+        else:
+            description = "tcp:0:interface=127.0.0.1"
+        endpoint = serverFromString(reactor, description)
+        self.assertEqual(closes_refused(endpoint), True)
+        listener = factory.listener(
+            proxied=kind == "proxy", bare_port=bare and closes_refused(endpoint)
+        )
+        if kind == "wrapped":
+            # A wrapping factory (as a TLS wrapper is): it cannot take None,
+            # and the service never passes bare_port for such an endpoint.
+            self.assertFalse(closes_refused(object()))
+            listener = factory.listener()
+            wrapped: Any = WrappingFactory(listener)
+            listening = yield endpoint.listen(wrapped)
+        else:
+            listening = yield endpoint.listen(listener)
+        self.addCleanup(listening.stopListening)
+        if kind == "unix":
 
             def connect_unix() -> socket.socket:
                 sock = socket.socket(socket.AF_UNIX)
@@ -238,20 +266,8 @@ class RefusalOnEveryEndpointTests(RealFrontCase):
                 return sock
 
             return connect_unix
-        if kind == "systemd":
-            # What systemd passes: a listening socket in LISTEN_FDS, named.
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(8)
-            port = sock.getsockname()[1]
-            # Handed over: the endpoint closes its descriptor once adopted.
-            self.patch(_SystemdParser, "_sddaemon", ListenFDs([sock.detach()], ["https"]))
-            endpoint = serverFromString(reactor, "systemd:domain=INET:name=https")
-            listening = endpoint.listen(factory.listener())
-            self.addCleanup(lambda: listening.addCallback(lambda p: p.stopListening()))
-            return lambda: self.connect(port)
+        port = listening.getHost().port
         if kind == "proxy":
-            port = self.listen_tcp(factory.listener(proxied=True))
 
             def connect_proxied() -> socket.socket:
                 sock = self.connect(port)
@@ -259,20 +275,17 @@ class RefusalOnEveryEndpointTests(RealFrontCase):
                 return sock
 
             return connect_proxied
-        assert kind == "wrapped"
-        # A wrapping factory (as a TLS wrapper is): it cannot take None.
-        port = self.listen_tcp(WrappingFactory(factory.listener()))
         return lambda: self.connect(port)
 
     @inlineCallbacks
-    def refused_on(self, kind: str) -> Any:
+    def refused_on(self, kind: str, *, bare: bool = False) -> Any:
         settings: dict[str, Any] = {"max_connections": 1}
         if kind == "proxy":
             settings["proxy_from"] = parse_config(
                 {"proxy": {"listen": ["tcp:1"], "from": ["127.0.0.0/8"]}}, base=Path("/")
             ).settings.proxy_from
         factory = self.make_factory(**settings)
-        connect = self.listen(kind, factory)
+        connect = yield self.listen(kind, factory, bare=bare)
         first = connect()
         yield self.wait_for(lambda: factory.connections, "the first connection")
         second = connect()
@@ -287,14 +300,26 @@ class RefusalOnEveryEndpointTests(RealFrontCase):
     def test_tcp(self) -> Any:
         return self.refused_on("tcp")
 
+    def test_tcp_bare(self) -> Any:
+        return self.refused_on("tcp", bare=True)
+
     def test_unix(self) -> Any:
         return self.refused_on("unix")
+
+    def test_unix_bare(self) -> Any:
+        return self.refused_on("unix", bare=True)
 
     def test_systemd(self) -> Any:
         return self.refused_on("systemd")
 
+    def test_systemd_bare(self) -> Any:
+        return self.refused_on("systemd", bare=True)
+
     def test_proxy(self) -> Any:
         return self.refused_on("proxy")
+
+    def test_proxy_bare(self) -> Any:
+        return self.refused_on("proxy", bare=True)
 
     def test_under_a_wrapping_factory(self) -> Any:
         return self.refused_on("wrapped")

@@ -313,6 +313,8 @@ def test_make_service_for_a_file(tmp_path: Path, files: dict[str, Path]) -> None
         factories: dict[int, object] = {port: f for port, f, _b, _i in reactor.tcpServers}
         # Every listener builds through the front's factory (ListenerFactory).
         assert getattr(factories[8443], "front", None) is service.factory
+        # A tcp: port closes refused sockets itself: refusals answer None there.
+        assert getattr(factories[8443], "bare_port", None) is True
         assert isinstance(factories[9100], QuietSite)
     finally:
         service.stopService()

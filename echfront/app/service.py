@@ -60,6 +60,7 @@ from echfront.config.schema import Config, PublishConfig
 from echfront.dns.rfc2136 import TSIGKey
 from echfront.ech.keyset import ECHKey, KeySet
 from echfront.errors import ConfigError
+from echfront.front.accept import closes_refused
 from echfront.front.metrics import Metrics, MetricsResource, key_publications_counter
 from echfront.front.protocol import FrontFactory
 from echfront.interfaces import IPublisher, StoreSnapshot
@@ -261,9 +262,15 @@ class FrontService(MultiService):
         refused sockets whatever the endpoint's kind; ``[proxy] listen``
         endpoints read a balancer's PROXY header first.
         """
-        plain = [(e, self.factory.listener()) for e in listen_endpoints(self.config, reactor)]
-        proxied = self.factory.listener(proxied=True)
-        return plain + [(e, proxied) for e in proxy_listen_endpoints(self.config, reactor)]
+        factory = self.factory
+        plain = [
+            (e, factory.listener(bare_port=closes_refused(e)))
+            for e in listen_endpoints(self.config, reactor)
+        ]
+        return plain + [
+            (e, factory.listener(proxied=True, bare_port=closes_refused(e)))
+            for e in proxy_listen_endpoints(self.config, reactor)
+        ]
 
     def current_keys(self) -> KeySet:
         """The key set new connections are decrypted with."""
@@ -360,7 +367,8 @@ class FrontService(MultiService):
         """Listen, and start watching for SIGHUP and file changes."""
         if self.worker is not None:
             for index, (description, proxied) in enumerate(listen_plan(self.config)):
-                factory = self.factory.listener(proxied=proxied)
+                # Workers adopt sockets into Twisted's own ports (bare_port).
+                factory = self.factory.listener(proxied=proxied, bare_port=True)
                 self._ports.append(worker_listen(self.reactor, index, description, factory))
         super().startService()  # type: ignore[no-untyped-call]
         if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():

@@ -411,9 +411,14 @@ class FrontFactory(Factory):
         """
         return self.build(addr, proxied=False)
 
-    def listener(self, *, proxied: bool = False) -> ListenerFactory:
-        """The factory an endpoint listens with (``proxied``: a ``[proxy] listen`` one)."""
-        return ListenerFactory(self, proxied=proxied)
+    def listener(self, *, proxied: bool = False, bare_port: bool = False) -> ListenerFactory:
+        """The factory an endpoint listens with (an :class:`~.accept.ListenerFactory`).
+
+        :param proxied: a ``[proxy] listen`` endpoint.
+        :param bare_port: the endpoint listens with Twisted's own port
+            (:func:`~echfront.front.accept.closes_refused`).
+        """
+        return ListenerFactory(self, proxied=proxied, bare_port=bare_port)
 
     def build(self, addr: IAddress, *, proxied: bool) -> FrontProtocol | None:
         """A connection from ``addr``, or None when a limit refuses it (counted).
