@@ -53,8 +53,7 @@ from typing import Any, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from echfront.ech.echconfig import encode_config_list
-from echfront.ech.keyset import ECHKey, generate_key, preference_order
+from echfront.ech.keyset import ECHKey, generate_key, publication_list
 from echfront.interfaces import (
     Fence,
     IKeyStore,
@@ -211,9 +210,13 @@ def _kem(key: StoredKey) -> int:
     return key.keys[0].config.kem_id
 
 
-def config_list_of(keys: Sequence[StoredKey]) -> bytes:
-    """The ECHConfigList that publishes ``keys`` (post-quantum first, RFC 9849 §4)."""
-    return encode_config_list(preference_order(ech.config for key in keys for ech in key.keys))
+def config_list_of(keys: Sequence[StoredKey], *, grease: bool = True) -> bytes:
+    """The ECHConfigList that publishes ``keys``, as a single front publishes it.
+
+    Post-quantum first (RFC 9849 §4), led by a GREASE decoy unless ``grease``
+    is off (§6.2.2): :func:`~echfront.ech.keyset.publication_list`.
+    """
+    return publication_list((ech.config for key in keys for ech in key.keys), grease=grease)
 
 
 @dataclass
@@ -288,6 +291,7 @@ class FleetRotation:
                 kem_id=kem_id,
                 taken_ids=taken,
                 maximum_name_length=self.policy.maximum_name_length,
+                grease=self.policy.grease,
             )
         ]
 
@@ -360,7 +364,9 @@ class FleetRotation:
             )
         dns_wait = self.last.dns_wait
         if self.publisher is not None:
-            waited = await self._publish(fence, ids, config_list_of(pending), load_wait)
+            waited = await self._publish(
+                fence, ids, config_list_of(pending, grease=self.policy.grease), load_wait
+            )
             if waited is None:
                 return
             dns_wait = waited
