@@ -127,7 +127,24 @@ from tests.processes import stop_process  # noqa: E402
 
 JSON = dict[str, Any]
 
-FRONTS = ("direct", "split", "local", "haproxy", "twisted", "workers2")
+FRONTS = (
+    "direct",
+    "split",
+    "split-twisted",
+    "local",
+    "local-twisted",
+    "haproxy",
+    "twisted",
+    "twisted-quiet",
+    "workers2",
+)
+#: The echfront fronts run on Twisted's transports (``[front] engine = "twisted"``);
+#: the others on the default, the lean engine.
+TWISTED_ENGINE = frozenset(("split-twisted", "local-twisted"))
+#: How echfront fronts log: echfront's buffered text observer (one write per
+#: batch), as docs/operations.rst recommends, rather than twistd's default,
+#: which writes and flushes every line.
+ECHFRONT_LOGGER = "--logger=echfront.logs.text_observer"
 SECRET = "secret.example"  # relayed to the backend
 PRIVATE = "private.example"  # terminated by echfront (local)
 PUBLIC = "public.example"
@@ -264,7 +281,9 @@ class Target:
         return options
 
 
-def echfront_config(pki: Pki, port: int, backend_port: int, local_app: str) -> JSON:
+def echfront_config(
+    pki: Pki, port: int, backend_port: int, local_app: str, engine: str = "lean"
+) -> JSON:
     """The front's configuration: secret.example relayed, private.example local.
 
     Per-address limits are off: every connection comes from 127.0.0.1.
@@ -290,6 +309,7 @@ def echfront_config(pki: Pki, port: int, backend_port: int, local_app: str) -> J
             {"name": SECRET, "backend": "b1"},
             {"name": PRIVATE, "local": "app"},
         ],
+        "front": {"engine": engine},
     }
 
 
@@ -373,11 +393,25 @@ class HaproxyProcess(ListeningProcess):
         return self
 
 
-def portforward_command(port: int, backend_port: int) -> list[str]:
-    """Twisted's own TCP forwarder from ``port`` to the backend (the ``twisted`` front)."""
+def portforward_command(port: int, backend_port: int, *, quiet: bool = False) -> list[str]:
+    """Twisted's own TCP forwarder from ``port`` to the backend (the ``twisted`` front).
+
+    ``quiet`` (the ``twisted-quiet`` front): without the two "Starting
+    factory"/"Stopping factory" log lines its client factory writes per
+    connection (``ProxyClientFactory.noisy`` set to False before twistd
+    starts), which are most of what it spends beyond the transports.
+    """
     listen = f"tcp:{port}:interface=127.0.0.1:backlog={BACKLOG}"
     forward = ["portforward", "-p", listen, "-h", "127.0.0.1", "-d", str(backend_port)]
-    return twistd_command("--logfile=-", *forward)
+    command = twistd_command("--logfile=-", *forward)
+    if quiet:
+        launcher = (
+            "from twisted.protocols import portforward; "
+            "portforward.ProxyClientFactory.noisy = False; "
+            "from twisted.scripts.twistd import run; run()"
+        )
+        command = [sys.executable, "-c", launcher, *command[command.index("-n") :]]
+    return command
 
 
 def wait_listening(
@@ -487,9 +521,9 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
             assert proxy.proc is not None
             yield Target(front, f"127.0.0.1:{port}", SECRET, None, [proxy.proc.pid], backend)
             return
-        if front == "twisted":
+        if front in ("twisted", "twisted-quiet"):
             port = free_port()
-            argv = portforward_command(port, backend.port)
+            argv = portforward_command(port, backend.port, quiet=front == "twisted-quiet")
             with ctx.pinning.spawning(ctx.pinning.front):
                 forwarder = stack.enter_context(ListeningProcess(argv, workdir, port, "twistd.log"))
             assert forwarder.proc is not None
@@ -497,11 +531,14 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
             return
 
         port = free_port()
-        config = echfront_config(pki, port, backend.port, ctx.local_app)
+        engine = "twisted" if front in TWISTED_ENGINE else "lean"
+        config = echfront_config(pki, port, backend.port, ctx.local_app, engine)
         workers = front == "workers2"
         args = ["--workers", "2"] if workers else []
         cpus = None if workers else ctx.pinning.front
-        proc = FrontProcess(workdir, config, args=args, port=port)
+        proc = FrontProcess(
+            workdir, config, args=args, port=port, twistd_args=[ECHFRONT_LOGGER]
+        )
         workers_seen: dict[int, int] = {}
 
         def stop_front() -> None:
@@ -513,7 +550,7 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
         with ctx.pinning.spawning(cpus):
             proc.start()
         stack.callback(stop_front)
-        name = PRIVATE if front == "local" else SECRET
+        name = PRIVATE if front.startswith("local") else SECRET
         target = Target(front, proc.address, name, pki.ech_config_list, [proc.pid], backend)
         if workers:
             target.front_pids = wait_workers(proc, 2, workers_seen)

@@ -33,6 +33,7 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from echfront.dns.rfc2136 import TSIGKey
 from echfront.ech.keyset import ECHKey, KeySet
 from echfront.errors import ConfigError
 from echfront.front.accept import closes_refused
+from echfront.front.leanport import adopt_port
 from echfront.front.metrics import Metrics, MetricsResource, key_publications_counter
 from echfront.front.protocol import FrontFactory
 from echfront.interfaces import IPublisher, StoreSnapshot
@@ -366,10 +368,15 @@ class FrontService(MultiService):
     def startService(self) -> None:
         """Listen, and start watching for SIGHUP and file changes."""
         if self.worker is not None:
+            # Plain listen entries run on the lean engine unless [front] says not.
+            lean = self.config.engine == "lean" and self.config.exit is None
             for index, (description, proxied) in enumerate(listen_plan(self.config)):
                 # Workers adopt sockets into Twisted's own ports (bare_port).
                 factory = self.factory.listener(proxied=proxied, bare_port=True)
-                self._ports.append(worker_listen(self.reactor, index, description, factory))
+                adopt = partial(adopt_port, self.reactor) if lean and not proxied else None
+                self._ports.append(
+                    worker_listen(self.reactor, index, description, factory, adopt=adopt)
+                )
         super().startService()  # type: ignore[no-untyped-call]
         if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)

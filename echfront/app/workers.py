@@ -235,27 +235,37 @@ def _systemd_listener(description: str, rest: list[str]) -> Listener:
 
 
 def worker_listen(
-    reactor: Any, index: int, description: str, factory: IProtocolFactory
+    reactor: Any,
+    index: int,
+    description: str,
+    factory: IProtocolFactory,
+    *,
+    adopt: Callable[[int, int, IProtocolFactory], IListeningPort] | None = None,
 ) -> IListeningPort:
     """In a worker: listen for ``description`` (the ``index``-th listen entry).
 
     A socket adopted from the supervisor when one was passed; otherwise a
     SO_REUSEPORT socket of this worker's own.
+
+    :param adopt: listens on a listening descriptor (default: the reactor's
+        ``adoptStreamPort``; the lean engine's is
+        :func:`echfront.front.leanport.adopt_port`).
     """
+    adopt_port = reactor.adoptStreamPort if adopt is None else adopt
     adopted = dict(
         item.split("=", 1) for item in os.environ.get(ADOPT_ENV, "").split(",") if "=" in item
     )
     if str(index) in adopted:
         fd = int(adopted[str(index)])
         os.set_blocking(fd, False)  # adoptStreamPort needs a non-blocking socket
-        port: IListeningPort = reactor.adoptStreamPort(fd, _socket_family(fd), factory)
+        port: IListeningPort = adopt_port(fd, _socket_family(fd), factory)
         return port
     spec = parse_tcp_description(description)
     if spec is None:
         raise ConfigError(f"listen: worker cannot open {description!r} itself")
     sock = _reuseport_socket(spec)
     try:
-        port = reactor.adoptStreamPort(sock.fileno(), spec.family, factory)
+        port = adopt_port(sock.fileno(), spec.family, factory)
     finally:
         sock.close()  # adoptStreamPort keeps its own duplicate
     return port

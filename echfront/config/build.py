@@ -36,6 +36,7 @@ from echfront.ech.keyset import ECHKey, KeySet
 from echfront.ech.padding import longest_name
 from echfront.errors import ConfigError
 from echfront.front.exitlink import ExitListenEndpoint, exit_tls_options
+from echfront.front.leanport import lean_endpoint
 from echfront.front.local import local_target
 from echfront.front.state import FrontState
 from echfront.front.tlsoptions import load_certificate_options
@@ -274,6 +275,9 @@ def build_state(
 def listen_endpoints(config: Config, reactor: Any) -> list[Any]:
     """Server endpoints for ``config.listen``; with ``[exit]``, behind the exit's TLS.
 
+    With ``[front] engine = "lean"`` (the default) plain ``tcp:`` listeners
+    run on the lean engine (:func:`echfront.front.leanport.lean_endpoint`).
+
     :raises ConfigError: naming the bad endpoint string or ``[exit]`` file.
     """
     endpoints = [_server_endpoint(reactor, description, "listen") for description in config.listen]
@@ -281,6 +285,8 @@ def listen_endpoints(config: Config, reactor: Any) -> list[Any]:
         link = config.exit
         options = exit_tls_options(link.cert, link.key, link.client_ca)
         endpoints = [ExitListenEndpoint(endpoint, options, reactor) for endpoint in endpoints]
+    elif config.engine == "lean":
+        endpoints = [lean_endpoint(reactor, endpoint) for endpoint in endpoints]
     return endpoints
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "ALERTS",
     "DEFAULT_LISTEN",
     "DEFAULT_PUBLIC_FACTORY",
+    "ENGINES",
     "BackendConfig",
     "Config",
     "ExitConfig",
@@ -203,6 +204,9 @@ class Config:
     publish: PublishConfig = field(default_factory=PublishConfig)
     exit: ExitConfig | None = None
     fleet: FleetConfig | None = None
+    #: ``[front] engine``: what serves plain ``tcp:`` listeners (one of
+    #: :data:`ENGINES`); applied at start, like ``listen``.
+    engine: str = "lean"
 
     def routed_names(self) -> tuple[str, ...]:
         """The private names clients may ask for: route patterns, then ``[publish] names``.
@@ -347,6 +351,7 @@ _TOP = (
     "metrics",
     "workers",
     "relay",
+    "front",
     "keys",
     "publish",
     "rejected",
@@ -497,7 +502,21 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         publish=publish,
         exit=exit_link,
         fleet=fleet,
+        engine=_engine(_Section(top.table("front"), "front", ("engine",))),
     )
+
+
+#: The connection engines ``[front] engine`` names: ``lean`` (echfront's own,
+#: echfront.front.engine) and ``twisted`` (Twisted's TCP transports).
+ENGINES = ("lean", "twisted")
+
+
+def _engine(section: _Section) -> str:
+    """``[front] engine``; the default is :class:`Config`'s."""
+    engine: str = section.get("engine", str, Config.engine)
+    if engine not in ENGINES:
+        raise ConfigError(f"front.engine: must be one of {', '.join(ENGINES)}, not {engine!r}")
+    return engine
 
 
 def _proxy_section(section: _Section) -> tuple[tuple[str, ...], tuple[_Network, ...]]:

@@ -61,6 +61,7 @@ first), first-flight counts exist only while non-zero, and
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -88,6 +89,7 @@ MAX_TRACKED = 65536
 _REBASE_AFTER = 20.0
 
 
+@functools.lru_cache(maxsize=4096)  # parsed once per address, not per connection
 def address_key(host: str) -> str:
     """The accounting key of a client address: IPv4 as is, IPv6 by /64.
 

@@ -248,18 +248,27 @@ class FrontProtocol(Protocol):
         info = self.info
         assert info is not None
         client: ClientSide = self
-        handler: Handler
-        if isinstance(route, Backend):
-            handler = Relay(
-                client,
-                info,
-                route,
-                self.reactor,
-                metrics=self.factory.metrics,
-                settings=self.state.settings,
+        handler: Handler | None = None
+        # A lean engine's transport (echfront.front.leantransport) relays
+        # plain TCP backends itself; for any other target it first hands the
+        # socket to a Twisted transport and answers None.
+        engine_handler = getattr(self.transport, "handler_for", None)
+        if engine_handler is not None:
+            handler = engine_handler(
+                client, info, route, metrics=self.factory.metrics, settings=self.state.settings
             )
-        else:
-            handler = LocalHandoff(client, info, route, metrics=self.factory.metrics)
+        if handler is None:
+            if isinstance(route, Backend):
+                handler = Relay(
+                    client,
+                    info,
+                    route,
+                    self.reactor,
+                    metrics=self.factory.metrics,
+                    settings=self.state.settings,
+                )
+            else:
+                handler = LocalHandoff(client, info, route, metrics=self.factory.metrics)
         self._handler = handler
         # Built once, here: bytes that came with the ClientHello, then any
         # a transport ignoring the pause delivered while routing.
