@@ -9,7 +9,8 @@ docs/operations.rst):
 ``config_id``, ``alert``, ``hrr``, ``bytes_from_client``,
 ``bytes_to_client``, ``first_flight_bytes``, ``duration``, ``close_reason``,
 ``zero_copy`` (the relay used splice(2)), ``worker`` and, only when
-allowed, ``server_name``.
+allowed, ``server_name``.  A QUIC flow's event (echfront.front.datagram)
+has the same fields and ``transport`` (``quic``).
 
 Privacy by default: the server name of an ECH-accepted connection is the
 secret ECH protects, so it is logged only with ``[log] server_names =

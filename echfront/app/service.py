@@ -19,8 +19,15 @@ configuration:
   settings (its state is in the key directory, so nothing is lost), then
   the new schedule checks at once.  Adding ``rotate`` starts a schedule,
   removing it stops the schedule;
-* ``listen``, ``[proxy] listen`` and ``[metrics] listen``: only on
-  restart (a warning says so); ``[proxy] from`` applies to new connections.
+* ``[quic]`` and each target's ``quic_endpoint``: applied to new QUIC flows;
+* ``listen``, ``[proxy] listen``, ``listen_quic`` and ``[metrics] listen``:
+  only on restart (a warning says so); ``[proxy] from`` applies to new
+  connections.
+
+Each ``listen_quic`` port has its own :class:`~echfront.front.datagram.QuicFront`,
+sharing the TCP front's metrics and HPKE budget; under ``--workers`` every
+worker binds it (``SO_REUSEPORT``, :func:`~echfront.front.datagram.listen_udp`).
+In a fleet, QUIC listens once the fleet's first key set is in service, as TCP does.
 
 With ``--workers``, SIGHUP to the supervisor first checks the configuration
 and applies ``[keys]``/``[publish]`` there (where rotation runs); only if
@@ -51,17 +58,20 @@ from echfront.app.fleet import FleetService
 from echfront.app.workers import Supervisor, shared_listeners, worker_listen
 from echfront.config.build import (
     build_publisher,
+    build_quic_state,
     build_state,
     listen_endpoints,
     listen_plan,
     load_tsig_key,
     proxy_listen_endpoints,
 )
+from echfront.config.endpoints import udp_listen_address
 from echfront.config.schema import Config, PublishConfig
 from echfront.dns.rfc2136 import TSIGKey
 from echfront.ech.keyset import ECHKey, KeySet
 from echfront.errors import ConfigError
 from echfront.front.accept import closes_refused
+from echfront.front.datagram import QuicFront, QuicListener
 from echfront.front.leanport import adopt_port
 from echfront.front.metrics import Metrics, MetricsResource, key_publications_counter
 from echfront.front.protocol import FrontFactory
@@ -74,6 +84,7 @@ __all__ = [
     "FrontService",
     "KeyRotation",
     "RotationPlan",
+    "listen_quic",
     "metrics_service",
     "supervisor_service",
 ]
@@ -222,11 +233,28 @@ class FrontService(MultiService):
         self.metrics = metrics if metrics is not None else Metrics()
         state = build_state(self.config, reactor, self.current_keys)
         self.factory = FrontFactory(state, reactor, self.metrics)
+        #: One QUIC front per ``listen_quic`` entry (each has its own flows).
+        self.quic_fronts = [
+            QuicFront(
+                build_quic_state(self.config, state),
+                reactor,
+                metrics=self.metrics,
+                limits=self.factory.limits,
+            )
+            for _ in self.config.listen_quic
+        ]
         self.metrics.set_keys(state.decoder.keys)
         self._ports: list[IListeningPort] = []
         self._watched: dict[Path, tuple[int, int, int] | None] = {}
         self._watcher: LoopingCall | None = None
         self._previous_hup: Any = None
+        #: The ``listen_quic`` ports, started with the TCP listeners.
+        self.quic_listeners = [
+            listen_quic(reactor, description, quic, reuse_port=worker is not None)
+            for description, quic in zip(self.config.listen_quic, self.quic_fronts, strict=True)
+        ]
+        for quic_listener in self.quic_listeners if self.config.fleet is None else ():
+            quic_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         listeners = []
         if worker is None:
             listeners = [StreamServerEndpointService(e, f) for e, f in self._listeners(reactor)]
@@ -294,6 +322,7 @@ class FrontService(MultiService):
             state = build_state(
                 config, self.reactor, self.current_keys, store_keys=self._store_keys
             )
+            quic_state = build_quic_state(config, state)
             plan = self.rotation.prepare(config) if self.rotation is not None else None
             fleet_plan = self.fleet.prepare(config) if self.fleet is not None else None
         except ConfigError as error:
@@ -306,11 +335,14 @@ class FrontService(MultiService):
         if (
             config.listen != self.config.listen
             or config.proxy_listen != self.config.proxy_listen
+            or config.listen_quic != self.config.listen_quic
             or config.metrics_listen != self.config.metrics_listen
         ):
             self.log.warn("listen and metrics endpoints change only on restart")
         self.config = config
         self.factory.state = state
+        for quic in self.quic_fronts:
+            quic.state = quic_state
         if self.rotation is not None:
             self.rotation.apply(plan)
         if self.fleet is not None:
@@ -330,10 +362,16 @@ class FrontService(MultiService):
         keys = tuple(snapshot.ech_keys())
         try:
             state = build_state(self.config, self.reactor, self.current_keys, store_keys=keys)
+            quic_state = build_quic_state(self.config, state)
         except ConfigError as error:
             self.log.error("the fleet's new key set is not in service: {error}", error=str(error))
             return False
         self._store_keys, self.factory.state = keys, state
+        for quic in self.quic_fronts:
+            quic.state = quic_state
+        for quic_listener in self.quic_listeners:
+            if quic_listener.parent is None:  # the first key set: listen now
+                quic_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.metrics.set_keys(state.decoder.keys)
         described = ", ".join(f"{k.key_id} ({k.state.value})" for k in snapshot.keys)
         self.log.info(
@@ -430,6 +468,21 @@ class FrontService(MultiService):
         listeners = DeferredList([*stopped, maybeDeferred(super().stopService)])
         listeners.addCallback(drain)
         return done
+
+
+def listen_quic(
+    reactor: Any, description: str, protocol: QuicFront, *, reuse_port: bool = False
+) -> QuicListener:
+    """The service of a ``listen_quic`` port (``udp:PORT[:interface=ADDR]``) for ``protocol``.
+
+    :param reuse_port: bind with ``SO_REUSEPORT`` (``--workers``).
+    :raises ConfigError: for a description that does not parse.
+    """
+    try:
+        port, interface = udp_listen_address(description)
+    except ValueError as error:
+        raise ConfigError(f"listen_quic: {error}") from None
+    return QuicListener(reactor, port, interface, protocol, reuse_port=reuse_port)
 
 
 def metrics_service(description: str, registry: Any, reactor: Any) -> StreamServerEndpointService:

@@ -14,6 +14,7 @@ one :class:`~echfront.errors.ConfigError` line naming the file or key.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,8 +27,21 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from zope.interface.interface import InterfaceClass
 
-from echfront.config.endpoints import default_backlog, tcp_client_address, with_backlog
-from echfront.config.schema import ALERTS, Config, LocalConfig, PublishConfig
+from echfront.config.endpoints import (
+    default_backlog,
+    quic_address,
+    stream_host_port,
+    tcp_client_address,
+    with_backlog,
+)
+from echfront.config.schema import (
+    ALERTS,
+    NO_QUIC,
+    BackendConfig,
+    Config,
+    LocalConfig,
+    PublishConfig,
+)
 from echfront.dns.command import CommandPublisher
 from echfront.dns.rfc2136 import TSIG_ALGORITHMS, RFC2136Publisher, TSIGKey, parse_tsig_secret_file
 from echfront.dns.verify import Verifier, absolute_name, describe_error
@@ -35,6 +49,7 @@ from echfront.ech.decoder import ECHDecoder
 from echfront.ech.keyset import ECHKey, KeySet
 from echfront.ech.padding import longest_name
 from echfront.errors import ConfigError
+from echfront.front.datagram import Address, QuicState
 from echfront.front.exitlink import ExitListenEndpoint, exit_tls_options
 from echfront.front.leanport import lean_endpoint
 from echfront.front.local import local_target
@@ -48,6 +63,7 @@ from echfront.targets import UNRECOGNIZED, Backend, Local, Reject, Route
 
 __all__ = [
     "build_publisher",
+    "build_quic_state",
     "build_state",
     "listen_endpoints",
     "listen_plan",
@@ -270,6 +286,44 @@ def build_state(
         require_public_name=config.require_public_name,
     )
     return FrontState(decoder, router, targets, config.settings)
+
+
+def _backend_quic_address(backend: BackendConfig) -> Address | None:
+    """A backend's QUIC address: ``quic_endpoint``, else its TCP IP and port."""
+    if backend.quic_endpoint == NO_QUIC:
+        return None
+    if backend.quic_endpoint is not None:
+        return quic_address(backend.quic_endpoint)
+    address = stream_host_port(backend.endpoint)
+    if address is None:
+        return None
+    try:
+        ipaddress.ip_address(address[0])
+    except ValueError:
+        return None  # a host name: the default needs an IP address
+    return address
+
+
+def build_quic_state(config: Config, state: FrontState) -> QuicState:
+    """What QUIC flows are decided with: ``state`` and each target's QUIC address.
+
+    Targets are matched to their configuration by kind and name; a target
+    a router made up has no QUIC address (it is refused anyway).
+    """
+    endpoints: dict[Backend | Local, Address] = {}
+    locals_ = {"public": config.public, **config.locals}
+    for target in state.targets:
+        address: Address | None = None
+        if isinstance(target, Backend):
+            backend = config.backends.get(target.name)
+            address = None if backend is None else _backend_quic_address(backend)
+        else:
+            local = locals_.get(target.name)
+            if local is not None and local.quic_endpoint is not None:
+                address = quic_address(local.quic_endpoint)
+        if address is not None:
+            endpoints[target] = address
+    return QuicState(state, endpoints, config.quic)
 
 
 def listen_endpoints(config: Config, reactor: Any) -> list[Any]:

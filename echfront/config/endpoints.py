@@ -12,20 +12,31 @@ refuses ``haproxy:`` (``[proxy] listen`` is echfront's own PROXY protocol
 support) and :func:`with_backlog` gives ``tcp:``, ``tcp6:`` and ``unix:``
 endpoints that do not set ``backlog=`` a queue fit for a front
 (:func:`default_backlog`) instead of Twisted's 50.
+
+QUIC has no Twisted endpoint strings: :func:`udp_listen_address` reads
+``listen_quic`` entries (``udp:PORT[:interface=ADDR]``, the shape of a
+``tcp:`` server endpoint), :func:`quic_address` a ``quic_endpoint``
+(``IP:PORT``), and :func:`stream_host_port` the host and port of a
+backend's ``tcp:``/``tcp6:`` endpoint, which ``quic_endpoint`` defaults to.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
+from echfront.dns.verify import split_host_port
 from echfront.errors import ConfigError
 
 __all__ = [
     "DEFAULT_BACKLOG",
     "check_listen",
     "default_backlog",
+    "quic_address",
     "split_endpoint_description",
+    "stream_host_port",
     "tcp_client_address",
+    "udp_listen_address",
     "with_backlog",
 ]
 
@@ -116,3 +127,79 @@ def check_listen(description: str, where: str) -> None:
             f"{where}: {description!r}: haproxy: endpoints are not supported; put the "
             "endpoint in [proxy] listen and the balancers' networks in [proxy] from"
         )
+
+
+def _options(rest: list[str], positional: tuple[str, ...]) -> dict[str, str]:
+    """``key=value`` items and leading positional ones (named by ``positional``)."""
+    options: dict[str, str] = {}
+    for index, item in enumerate(rest):
+        key, sep, value = item.partition("=")
+        if sep:
+            options[key] = value
+        elif index < len(positional):
+            options[positional[index]] = item
+        else:
+            raise ValueError(f"unexpected {item!r}")
+    return options
+
+
+def udp_listen_address(description: str) -> tuple[int, str]:
+    """(port, interface) of ``udp:PORT[:interface=ADDR]`` (or ``udp:port=PORT``).
+
+    The interface is an IP address; "" (the default) is every IPv4 address,
+    ``::`` every IPv6 one (and IPv4 too where the system maps it).
+
+    :raises ValueError: one line saying what is wrong.
+    """
+    kind, *rest = split_endpoint_description(description)
+    if kind != "udp":
+        raise ValueError(f"{description!r} is not udp:PORT[:interface=ADDRESS]")
+    options = _options(rest, ("port",))
+    port = options.pop("port", "")
+    interface = options.pop("interface", "")
+    if options:
+        raise ValueError(f"{description!r}: unknown option {sorted(options)[0]!r}")
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{description!r}: port must be 1..65535")
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            raise ValueError(f"{description!r}: interface must be an IP address") from None
+    return int(port), interface
+
+
+def quic_address(text: str) -> tuple[str, int]:
+    """(IP, port) of a ``quic_endpoint``: ``IP:PORT`` or ``[IPv6]:PORT``.
+
+    The host must be an IP address: a flow's backend socket is connected
+    when the flow starts, and a name would need a lookup there.
+
+    :raises ValueError: one line quoting the text.
+    """
+    host, port = split_host_port(text, default_port=None)
+    if port is None:
+        raise ValueError(f"{text!r} has no port (IP:PORT)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: the host must be an IP address") from None
+    return host, port
+
+
+def stream_host_port(description: str) -> tuple[str, int] | None:
+    """(host, port) of a ``tcp:``/``tcp6:`` client endpoint string, other options allowed.
+
+    None for any other kind of endpoint, or one this cannot read.
+    """
+    kind, *rest = split_endpoint_description(description)
+    if kind not in ("tcp", "tcp6"):
+        return None
+    try:
+        options = _options(rest, ("host", "port"))
+    except ValueError:
+        return None
+    host, port = options.get("host", ""), options.get("port", "")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        return None
+    return host, int(port)

@@ -16,9 +16,10 @@ invite that again.
 
 Defaults of the ``[limits]``, ``[log]`` and ``[relay]`` settings are read
 from :class:`~echfront.front.state.FrontSettings`, the one place they are
-written.  The reference for every key is docs/configuration.rst (the
-``_Section(...)`` calls below list the known keys; tests.test_docs reads
-them).
+written; those of ``[quic]`` from
+:class:`~echfront.quic.admission.QuicSettings`.  The reference for every key
+is docs/configuration.rst (the ``_Section(...)`` calls below list the known
+keys; tests.test_docs reads them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from urllib.parse import urlsplit
 import dns.exception
 import dns.name
 
-from echfront.config.endpoints import check_listen
+from echfront.config.endpoints import check_listen, quic_address, udp_listen_address
 from echfront.dns.rfc2136 import DEFAULT_TTL, TSIG_ALGORITHMS
 from echfront.dns.svcb import validate_alpn_id
 from echfront.dns.verify import DEFAULT_TIMEOUT, DNSServer, absolute_name
@@ -45,6 +46,7 @@ from echfront.front.state import FrontSettings
 from echfront.keys.etcdapi import EtcdSettings
 from echfront.keys.rotation import RotationPolicy, parse_duration
 from echfront.keys.stores import check_member_name
+from echfront.quic.admission import QuicSettings
 from echfront.routing import validate_pattern
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "DEFAULT_PUBLIC_FACTORY",
     "ENGINES",
+    "NO_QUIC",
     "BackendConfig",
     "Config",
     "ExitConfig",
@@ -80,19 +83,34 @@ class KeyFileConfig:
     published: bool = True
 
 
+#: ``quic_endpoint`` value: no QUIC for this target.
+NO_QUIC = "none"
+
+
 @dataclass(frozen=True)
 class BackendConfig:
-    """A backend reached through a client endpoint string."""
+    """A backend reached through a client endpoint string.
+
+    :ivar quic_endpoint: ``IP:PORT`` of its QUIC server, :data:`NO_QUIC`, or
+        None for the default: the host and port of a ``tcp:`` endpoint whose
+        host is an IP address (else no QUIC).
+    """
 
     name: str
     endpoint: str
     connect_timeout: float = 10.0
     proxy_protocol: int = 0
+    quic_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
 class LocalConfig:
-    """A locally terminated service: certificate plus application factory."""
+    """A locally terminated service: certificate plus application factory.
+
+    :ivar quic_endpoint: ``IP:PORT`` of a QUIC server for the same names;
+        the front terminates TLS over TCP only, so without one QUIC for
+        them is refused (the client falls back to TCP).
+    """
 
     name: str
     cert: Path
@@ -100,6 +118,7 @@ class LocalConfig:
     factory: str
     alpn: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
+    quic_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +195,8 @@ class Config:
     """A validated configuration (see docs/configuration.rst)."""
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    listen_quic: tuple[str, ...] = ()
+    quic: QuicSettings = field(default_factory=QuicSettings)
     #: Endpoints whose connections come from balancers and start with a
     #: PROXY header (``[proxy] listen``); who may send one is
     #: ``settings.proxy_from``.
@@ -336,6 +357,8 @@ class _Section:
 
 _TOP = (
     "listen",
+    "listen_quic",
+    "quic",
     "proxy",
     "public_name",
     "default",
@@ -375,6 +398,19 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         listen = (DEFAULT_LISTEN,)
     for description in listen:
         check_listen(description, "listen")
+    listen_quic = top.strings("listen_quic") or ()
+    for description in listen_quic:
+        try:
+            udp_listen_address(description)
+        except ValueError as error:
+            raise ConfigError(f"listen_quic: {error}") from None
+    quic = _quic_settings(
+        _Section(
+            top.table("quic"),
+            "quic",
+            ("idle_timeout", "max_flows", "max_flows_per_address", "hello_timeout"),
+        )
+    )
     public_name = top.get("public_name", str)
     if public_name is not None:
         try:
@@ -477,6 +513,8 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         raise ConfigError("exit: serves in one process; set workers = 1")
     return Config(
         listen=listen,
+        listen_quic=listen_quic,
+        quic=quic,
         proxy_listen=proxy_listen,
         keys=tuple(keys),
         public_name=public_name,
@@ -575,6 +613,29 @@ def _settings(
         shutdown_grace=limits.non_negative("shutdown_grace", default.shutdown_grace),
         splice=relay.get("splice", bool, default.splice),
     )
+
+
+def _quic_settings(section: _Section) -> QuicSettings:
+    """``[quic]``: the QUIC flow table's bounds; defaults from :class:`QuicSettings`."""
+    default = QuicSettings()
+    return QuicSettings(
+        idle_timeout=section.positive("idle_timeout", default.idle_timeout),
+        max_flows=section.count("max_flows", default.max_flows),
+        max_flows_per_address=section.count("max_flows_per_address", default.max_flows_per_address),
+        hello_timeout=section.positive("hello_timeout", default.hello_timeout),
+    )
+
+
+def _quic_endpoint(section: _Section, *, allow_none: bool) -> str | None:
+    """A ``quic_endpoint`` value: ``IP:PORT`` (or ``"none"`` where a default exists)."""
+    text: str | None = section.get("quic_endpoint", str)
+    if text is None or (allow_none and text == NO_QUIC):
+        return text
+    try:
+        quic_address(text)
+    except ValueError as error:
+        raise ConfigError(f"{section.where}.quic_endpoint: {error}") from None
+    return text
 
 
 def _keys_section(
@@ -864,20 +925,28 @@ def _backend_config(name: str, entry: object) -> BackendConfig:
         entry = {"endpoint": entry}
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected an endpoint string or a table")
-    section = _Section(entry, where, ("endpoint", "connect_timeout", "proxy_protocol"))
+    section = _Section(
+        entry, where, ("endpoint", "connect_timeout", "proxy_protocol", "quic_endpoint")
+    )
     endpoint = section.get("endpoint", str)
     if not endpoint:
         raise ConfigError(f"{where}.endpoint: required")
     proxy = section.get("proxy_protocol", int, 0)
     if proxy not in (0, 1, 2):
         raise ConfigError(f"{where}.proxy_protocol: must be 0 (off), 1 or 2")
-    return BackendConfig(name, endpoint, section.positive("connect_timeout", 10.0), proxy)
+    return BackendConfig(
+        name,
+        endpoint,
+        section.positive("connect_timeout", 10.0),
+        proxy,
+        _quic_endpoint(section, allow_none=True),
+    )
 
 
 def _local_config(
     where: str, entry: Mapping[str, Any], base: Path, default_factory: str | None, name: str = ""
 ) -> LocalConfig:
-    section = _Section(entry, where, ("cert", "key", "factory", "alpn", "options"))
+    section = _Section(entry, where, ("cert", "key", "factory", "alpn", "options", "quic_endpoint"))
     cert = section.path("cert", base)
     assert cert is not None
     factory = section.get("factory", str, default_factory)
@@ -896,6 +965,7 @@ def _local_config(
         factory,
         alpn,
         section.table("options"),
+        _quic_endpoint(section, allow_none=False),
     )
 
 

@@ -11,6 +11,15 @@ Every front owns its own registry; with ``--workers`` each worker writes
 into a shared multiprocess directory and the supervising process serves the
 sum (prometheus_client's multiprocess mode).
 
+QUIC flows (:mod:`echfront.front.datagram`) are counted in the same
+outcome, route, byte and limit families as TCP connections, with one more
+label, ``transport="quic"``.  TCP series keep exactly the labels they had
+(no ``transport`` label, which PromQL reads as ``transport=""``), so
+existing queries and dashboards see the same series, and a sum by route
+covers both transports.  Each such family is two counters of one name
+(:class:`_ByTransport`), merged into one family when collected; in
+multiprocess mode the supervisor's collector merges them by name the same way.
+
 Counting costs a few attribute operations: the metric classes are those of
 :mod:`echfront.front.fastmetrics`, which keep plain numbers and bucket
 arrays and turn them into samples only when the registry is collected (a
@@ -19,11 +28,13 @@ scrape), with prometheus_client's names, types, labels and samples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import Counter as PrometheusCounter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 
 from echfront.errors import alert_name
@@ -36,33 +47,80 @@ if TYPE_CHECKING:
     from echfront.ech.keyset import KeySet
     from echfront.front.connection import ConnectionRecord
 
-__all__ = ["FleetMetrics", "Metrics", "MetricsResource", "key_publications_counter"]
+__all__ = ["TRANSPORTS", "FleetMetrics", "Metrics", "MetricsResource", "key_publications_counter"]
+
+#: The transports a connection is counted under; "tcp" series carry no label.
+TRANSPORTS = ("tcp", "quic")
 
 _BYTES_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _SLOW_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class _ByTransport(Collector):
+    """One counter family: TCP series with ``labels``, QUIC series with ``transport`` too.
+
+    :ivar tcp: the counter TCP connections use, with the family's original
+        labels (``.labels(...)`` works as it always did).
+    :ivar quic: the counter QUIC flows use: the same labels then ``transport``.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        # Neither counter is registered on its own: a registry refuses two
+        # collectors of one name, so this collector stands for both.
+        self.tcp = Counter(name, documentation, labels, registry=None)
+        self.quic = Counter(name, documentation, (*labels, "transport"), registry=None)
+        registry.register(self)
+
+    def child(self, transport: str, *labels: str) -> Counter:
+        """The series of ``labels`` for ``transport`` ("tcp" or "quic")."""
+        if transport == "tcp":
+            return self.tcp.labels(*labels) if labels else self.tcp
+        return self.quic.labels(*labels, transport)
+
+    def describe(self) -> Iterable[Metric]:
+        """The family's name, so the registry can refuse a second one."""
+        return self.tcp.describe()
+
+    def collect(self) -> Iterable[Metric]:
+        """Both counters' samples in one family."""
+        (family,) = self.tcp.collect()
+        for other in self.quic.collect():
+            family.samples.extend(other.samples)
+        return [family]
+
+
 class Metrics:
-    """The front's metrics; one instance per front (per worker)."""
+    """The front's metrics; one instance per front (per worker).
+
+    ``connections``, ``ech_configs``, ``relayed_bytes``, ``limited`` and
+    ``hello_retry_requests`` are the TCP counters, labelled as they always
+    were; QUIC flows count into the same families through :meth:`closed`,
+    :meth:`limit` and :meth:`hello_retry` with ``transport="quic"``.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         """Register every metric in ``registry`` (a new one by default)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.connections = Counter(
+        self._connections = _ByTransport(
             "echfront_connections_total",
             "Closed connections by ECH outcome (accepted, rejected, not_offered, or error "
-            "before decoding), alert sent by the front (none if it sent none), and route.",
+            "before decoding), alert sent by the front (none if it sent none), and route; "
+            'QUIC flows with transport="quic".',
             ("ech", "alert", "route"),
-            registry=r,
+            r,
         )
-        self.ech_configs = Counter(
+        self.connections = self._connections.tcp
+        self._ech_configs = _ByTransport(
             "echfront_ech_config_total",
             "ClientHellos offering ECH, by the config_id they named and the outcome.",
             ("config_id", "ech"),
-            registry=r,
+            r,
         )
+        self.ech_configs = self._ech_configs.tcp
         self.active = Gauge(
             "echfront_active_connections",
             "Client connections currently open.",
@@ -100,25 +158,30 @@ class Metrics:
             ("backend", "reason"),
             registry=r,
         )
-        self.relayed_bytes = Counter(
+        self._relayed_bytes = _ByTransport(
             "echfront_relayed_bytes_total",
             "Bytes between clients and their target (a backend, or a local service) "
-            "after the first flight.",
+            "after the first flight; for QUIC, datagram payloads relayed.",
             ("direction",),
-            registry=r,
+            r,
         )
-        self.hello_retry_requests = Counter(
+        self.relayed_bytes = self._relayed_bytes.tcp
+        self._hello_retry_requests = _ByTransport(
             "echfront_hello_retry_requests_total",
             "HelloRetryRequests seen from backends on ECH-accepted connections.",
-            registry=r,
+            (),
+            r,
         )
-        self.limited = Counter(
+        self.hello_retry_requests = self._hello_retry_requests.tcp
+        self._limited = _ByTransport(
             "echfront_limited_connections_total",
             "Connections closed by a limit (max_connections, per-address first "
-            "flights, HPKE rate, idle timeout, first-flight or handshake timeout).",
+            "flights, HPKE rate, idle timeout, first-flight or handshake timeout; "
+            "for QUIC max_flows, flows_per_address, hello_timeout).",
             ("limit",),
-            registry=r,
+            r,
         )
+        self.limited = self._limited.tcp
         self.client_alerts = Counter(
             "echfront_client_alerts_total",
             "TLS alerts received from clients on connections the front terminates (the "
@@ -126,6 +189,12 @@ class Metrics:
             "ech_required: clients that wanted ECH and saw it rejected (RFC 9849 §7.1).",
             ("alert",),
             registry=r,
+        )
+        self.quic_flows = Gauge(
+            "echfront_quic_flows",
+            "QUIC flows in the front's flow table.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.reloads = Counter(
             "echfront_reloads_total",
@@ -173,19 +242,28 @@ class Metrics:
             self.key_info.labels(*labels).set(1)
         self._key_labels = current
 
-    def closed(self, record: ConnectionRecord) -> None:
-        """Count a finished connection."""
+    def closed(self, record: ConnectionRecord, *, transport: str = "tcp") -> None:
+        """Count a finished connection (or QUIC flow, ``transport="quic"``)."""
         info = record.hello
         ech = record.ech
         alert = "none" if record.alert is None else alert_name(record.alert)
-        self.connections.labels(ech, alert, record.route or "none").inc()
+        self._connections.child(transport, ech, alert, record.route or "none").inc()
         if info is not None and info.config_id is not None:
-            self.ech_configs.labels(str(info.config_id), ech).inc()
+            self._ech_configs.child(transport, str(info.config_id), ech).inc()
         if record.bytes_from_client or record.bytes_to_client:
-            self.relayed_bytes.labels("client_to_backend").inc(record.bytes_from_client)
-            self.relayed_bytes.labels("backend_to_client").inc(record.bytes_to_client)
+            relayed = self._relayed_bytes
+            relayed.child(transport, "client_to_backend").inc(record.bytes_from_client)
+            relayed.child(transport, "backend_to_client").inc(record.bytes_to_client)
         if record.limit:
-            self.limited.labels(record.limit).inc()
+            self.limit(record.limit, transport=transport)
+
+    def limit(self, name: str, *, transport: str = "tcp") -> None:
+        """Count a connection (or flow) refused or closed by the limit ``name``."""
+        self._limited.child(transport, name).inc()
+
+    def hello_retry(self, *, transport: str = "tcp") -> None:
+        """Count a HelloRetryRequest on an ECH-accepted connection."""
+        self._hello_retry_requests.child(transport).inc()
 
     def client_alert(self, description: int) -> None:
         """Count an alert a client sent on a locally terminated connection (RFC 9849 §7.1)."""

@@ -13,6 +13,7 @@ Modules, lowest first: ``errors`` (drops and QUIC connection errors),
 ``frames``, ``crypto_stream`` (CRYPTO reassembly), ``incoming`` (a client
 datagram taken apart), ``rewrite`` (Initial packets rebuilt around new
 CRYPTO data), ``admission`` (datagrams of no flow), ``flow`` (the per-flow
-state object a datagram relay drives) and ``hello`` (the ECH decoder on a
-ClientHello from QUIC).
+state object a datagram relay drives), ``hello`` (the ECH decoder on a
+ClientHello from QUIC) and ``table`` (a relay's flows by client address and
+connection ID).
 """

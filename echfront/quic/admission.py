@@ -5,6 +5,10 @@ The first step of a datagram relay: :func:`admit` answers "start a flow
 (here is the client's first Initial)", "send this Version Negotiation
 packet", or "drop it (here is why)", without keeping any state, so
 unsolicited datagrams cost the front nothing but this parse.
+
+:class:`QuicSettings` holds the bounds a relay's flow table applies on top
+(how many flows, per address, for how long); its defaults are written here
+once and read by the configuration's parser, which must not load Twisted.
 """
 
 from __future__ import annotations
@@ -22,10 +26,34 @@ from echfront.quic.packets import (
     parse_long_header,
 )
 
-__all__ = ["MIN_CLIENT_DCID", "Admission", "admit"]
+__all__ = ["MIN_CLIENT_DCID", "Admission", "QuicSettings", "admit"]
 
 #: RFC 9000 §7.2: a client's first Destination Connection ID has at least 8 bytes.
 MIN_CLIENT_DCID = 8
+
+
+@dataclass(frozen=True, slots=True)
+class QuicSettings:
+    """The flow table's bounds (``[quic]`` in the configuration), each with a safe default.
+
+    :ivar idle_timeout: seconds without a datagram either way after which a
+        flow is forgotten; keep it above the backends' QUIC
+        ``max_idle_timeout`` (RFC 9000 §10.1), or idle connections that are
+        still alive lose their way through the front.
+    :ivar max_flows: flows at once (each holds one UDP socket); a new
+        connection beyond it is refused with CONNECTION_REFUSED (RFC 9000
+        §5.2.2).  0: unlimited.
+    :ivar max_flows_per_address: a hard cap on flows per client address
+        (IPv6: per /64), likewise.  0 (the default): none, as for TCP
+        connections; the front's fair-share shedding applies to QUIC too.
+    :ivar hello_timeout: seconds a ClientHello may take to arrive whole
+        (also a second one after a HelloRetryRequest).
+    """
+
+    idle_timeout: float = 120.0
+    max_flows: int = 10000
+    max_flows_per_address: int = 0
+    hello_timeout: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)

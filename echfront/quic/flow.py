@@ -207,6 +207,11 @@ class InitialFlow:
         return self._hold_since + self.limits.hello_timeout if holding else None
 
     @property
+    def hello_retried(self) -> bool:
+        """Whether a second ClientHello, after a HelloRetryRequest, was translated."""
+        return len(self._segments) > 1
+
+    @property
     def closed(self) -> bool:
         """Whether the flow has ended; the relay forgets it."""
         return self.phase is FlowPhase.CLOSED
