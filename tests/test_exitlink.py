@@ -10,7 +10,9 @@ ClientHello bytes.
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,10 @@ class ExitListenerTests(TestCase):
     timeout = 30
 
     def setUp(self) -> Deferred[None]:  # type: ignore[override]
-        self.link: LinkPki = make_link_pki(Path(self.mktemp()))  # type: ignore[no-untyped-call]
+        # Not trial's mktemp, which writes below the working directory.
+        directory = Path(tempfile.mkdtemp(prefix="exitlink-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.link: LinkPki = make_link_pki(directory)
         self.seen: Deferred[tuple[bool, int]] = Deferred()
         options = exit_tls_options(self.link.exit_cert, self.link.exit_key, self.link.ca)
         endpoint = ExitListenEndpoint(
