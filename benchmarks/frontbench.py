@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/frontbench.py [--quick] [--repeats 3] [--out benchmarks/results]
-                                    [--fronts direct,split,local,haproxy,workers2]
+                                    [--fronts direct,split,split-twisted,haproxy,...]
 
 Fronts compared in one run (every one in front of the same kind of Go
 ``crypto/tls`` backend, ``echtest backend``, a fresh one per front and repeat):
@@ -11,9 +11,15 @@ Fronts compared in one run (every one in front of the same kind of Go
 * ``direct``: Go client (no ECH, SNI secret.example) straight to the backend;
   there is no front, so only the backend's and the client's figures exist;
 * ``split``: Go ECH client, echfront decrypts the ClientHello and relays the
-  connection to the backend (split mode);
+  connection to the backend (split mode), on the lean engine (the default,
+  ``[front] engine = "lean"``);
+* ``split-twisted``: the same on Twisted's TCP transports
+  (``[front] engine = "twisted"``);
 * ``local``: Go ECH client, echfront terminates TLS itself for an ECH name
-  (``tests.localapp:echo_factory``, which speaks the backend's echo protocol);
+  (``tests.localapp:echo_factory``, which speaks the backend's echo
+  protocol); the lean engine reads the first flight and hands the
+  connection to Twisted's TLS;
+* ``local-twisted``: the same on Twisted's TCP transports throughout;
 * ``haproxy``: Go client (no ECH) through haproxy 2.6 in ``mode tcp`` with
   ``nbthread 1``, routing by ``req.ssl_sni`` (the cost floor of an SNI
   passthrough front: it cannot decrypt ECH).  Installed with apt-get when
@@ -22,7 +28,12 @@ Fronts compared in one run (every one in front of the same kind of Go
   (``twistd portforward``, no SNI routing, no parsing): the cost floor of
   any relay built on Twisted's TCP transports, for reading the ratios of
   the echfront fronts to haproxy;
+* ``twisted-quiet``: the same without the two "Starting factory"/"Stopping
+  factory" log lines its client factory writes per connection;
 * ``workers2``: as split, with ``--workers 2``.
+
+The echfront fronts log connections with echfront's buffered text observer
+(``--logger=echfront.logs.text_observer``).
 
 Method.  Repeats are the outer loop and fronts the inner one, so a noisy
 moment of the shared machine spreads over all fronts instead of hitting one.
@@ -58,11 +69,13 @@ CPU 1 and the client and backend on CPU 0 (the benchmark pins itself to CPU
 and its CPU-bound capacity (not its handshakes/s) is what is compared with
 one worker's.
 
-Targets (issue 6) reported from the medians, and per repeat: split CPU per
-handshake / haproxy's <= 2.5; split bulk CPU per GB / haproxy's <= 1.0;
-split RSS per idle relayed connection <= 16 KiB; workers2 capacity / split
-capacity >= 1.7; and, from benchmarks/bench_decoder.py, decoding a
-Chrome-shaped ClientHello <= 3.5 X25519 exchanges.
+Targets (issue 6, with issue 11's bounds) reported from the medians, and per
+repeat: split CPU per handshake / haproxy's <= 2.5; split bulk CPU per GB /
+haproxy's <= 0.5; split RSS per idle relayed connection <= 8 KiB; workers2
+capacity / split capacity >= 1.7; and, from benchmarks/bench_decoder.py,
+decoding a Chrome-shaped ClientHello <= 2.5 X25519 exchanges.  Beside them,
+every front's CPU per handshake against haproxy's and each engine's against
+the other's (``references`` in the JSON).
 
 Output: tables on stdout (progress on stderr), ``frontbench-<time>.json``
 with every raw sample and the summary, and ``frontbench-<time>.png``
@@ -110,7 +123,7 @@ from frontbench_proc import (  # noqa: E402
     tick_seconds,
     wait_fds,
 )
-from frontbench_report import chart, ratios, render, summarize  # noqa: E402
+from frontbench_report import chart, ratios, references, render, summarize  # noqa: E402
 
 from tests.frontproc import FrontProcess, Pki, free_port, make_pki, twistd_command  # noqa: E402
 from tests.gotools import (  # noqa: E402
@@ -536,9 +549,7 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
         workers = front == "workers2"
         args = ["--workers", "2"] if workers else []
         cpus = None if workers else ctx.pinning.front
-        proc = FrontProcess(
-            workdir, config, args=args, port=port, twistd_args=[ECHFRONT_LOGGER]
-        )
+        proc = FrontProcess(workdir, config, args=args, port=port, twistd_args=[ECHFRONT_LOGGER])
         workers_seen: dict[int, int] = {}
 
         def stop_front() -> None:
@@ -1043,6 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "samples": samples,
         "summary": summary,
         "ratios": ratios(summary, decoder if decoder and "error" not in decoder else None),
+        "references": references(summary),
         "decoder": decoder,
         "errors": [s for runs in samples.values() for s in runs if "error" in s],
         "incomplete": [

@@ -1,9 +1,11 @@
 """Summary, targets, tables and chart for benchmarks/frontbench.py.
 
 Turns the raw samples (one per front and repeat) into min/median/max per
-metric, the issue-6 target ratios, the human-readable tables and the PNG
-chart (matplotlib, Agg backend; skipped with a message when matplotlib is
-not installed).
+metric, the target ratios (issue 6's, with issue 11's bounds), the
+reference ratios (every front against haproxy, and each engine against the
+other, medians of one run), the human-readable tables and the PNG chart
+(matplotlib, Agg backend; skipped with a message when matplotlib is not
+installed).
 """
 
 from __future__ import annotations
@@ -13,18 +15,41 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DECODER_KEY", "METRICS", "TARGETS", "chart", "ratios", "render", "summarize"]
+__all__ = [
+    "DECODER_KEY",
+    "METRICS",
+    "TARGETS",
+    "chart",
+    "ratios",
+    "references",
+    "render",
+    "summarize",
+]
 
 JSON = dict[str, Any]
 
-#: The targets of issue 6: (unit, comparison, bound).
+#: The targets of issue 6, with the bounds of issue 11: (unit, comparison, bound).
 TARGETS: dict[str, tuple[str, str, float]] = {
     "split_cpu_per_handshake_vs_haproxy": ("ratio", "<=", 2.5),
-    "bulk_cpu_per_gb_vs_haproxy": ("ratio", "<=", 1.0),
-    "split_rss_kib_per_idle_conn": ("KiB", "<=", 16.0),
+    "bulk_cpu_per_gb_vs_haproxy": ("ratio", "<=", 0.5),
+    "split_rss_kib_per_idle_conn": ("KiB", "<=", 8.0),
     "workers2_capacity_vs_one_worker": ("ratio", ">=", 1.7),
-    "decoder_vs_x25519": ("ratio", "<=", 3.5),
+    "decoder_vs_x25519": ("ratio", "<=", 2.5),
 }
+
+#: Reference ratios (numerator front, denominator front) of front CPU per
+#: handshake, reported when both ran: every front against haproxy, and the
+#: lean engine against Twisted's transports.
+REFERENCES: tuple[tuple[str, str], ...] = (
+    ("split", "haproxy"),
+    ("split-twisted", "haproxy"),
+    ("local", "haproxy"),
+    ("local-twisted", "haproxy"),
+    ("twisted", "haproxy"),
+    ("twisted-quiet", "haproxy"),
+    ("split", "split-twisted"),
+    ("local", "local-twisted"),
+)
 #: The bench_decoder.py figure the decoder target is about.
 DECODER_KEY = "full: reassemble + decode, X25519"
 
@@ -169,6 +194,25 @@ def ratios(summary: dict[str, JSON], decoder: JSON | None) -> dict[str, JSON]:
     return out
 
 
+def references(summary: dict[str, JSON]) -> dict[str, JSON]:
+    """CPU per handshake of each :data:`REFERENCES` pair: median over median, and per repeat."""
+    out: dict[str, JSON] = {}
+    key = "front_cpu_s_per_1k"
+    for top, bottom in REFERENCES:
+        a, b = _median(summary, top, key), _median(summary, bottom, key)
+        if a is None or not b:
+            continue
+        tops = summary[top][key].get("values", [])
+        bottoms = summary[bottom][key].get("values", [])
+        out[f"{top}/{bottom}"] = {
+            "value": a / b,
+            "per_repeat": [
+                x / y if x is not None and y else None for x, y in zip(tops, bottoms, strict=False)
+            ],
+        }
+    return out
+
+
 # -- output ------------------------------------------------------------------------------
 
 
@@ -256,7 +300,7 @@ def render(report: JSON) -> str:
     out.append("cost of the Go backend alone.  CPU per GB is per 10^9 bytes echoed.  Kernel")
     out.append("slab is system-wide (the sockets and pipes of client, front and backend).")
     out.append("")
-    out.append("Targets (issue 6):")
+    out.append("Targets (issue 6) with issue 11's bounds:")
     for name, entry in report["ratios"].items():
         status = {True: "met", False: "NOT met", None: "not measured"}[entry["met"]]
         repeats = ", ".join(fmt(v) for v in entry["per_repeat"])
@@ -265,12 +309,12 @@ def render(report: JSON) -> str:
             f"  {name:34} {fmt(entry['value']):>7} {entry['unit']:5} "
             f"(target {entry['compare']} {entry['target']}) {status}{extra}"
         )
-    floor = _floor_ratio(report["summary"])
-    if floor is not None:
-        out.append(
-            f"Reference: the twisted front (a bare Twisted TCP forwarder) uses {fmt(floor)}x "
-            "haproxy's CPU per handshake: the least any relay on Twisted's transports costs."
-        )
+    refs = report.get("references") or references(report["summary"])
+    if refs:
+        out.append("Front CPU per handshake, ratio of medians (per repeat):")
+        for name, entry in refs.items():
+            repeats = ", ".join(fmt(v) for v in entry["per_repeat"])
+            out.append(f"  {name:28} {fmt(entry['value']):>7}  ({repeats})")
     for front, reason in report["skipped"].items():
         out.append(f"skipped {front}: {reason}")
     for sample in report["errors"]:
@@ -285,13 +329,6 @@ def render(report: JSON) -> str:
     return "\n".join(out)
 
 
-def _floor_ratio(summary: dict[str, JSON]) -> float | None:
-    """Median CPU per handshake of the ``twisted`` front over haproxy's, if both ran."""
-    top = _median(summary, "twisted", "front_cpu_s_per_1k")
-    bottom = _median(summary, "haproxy", "front_cpu_s_per_1k")
-    return top / bottom if top is not None and bottom else None
-
-
 def chart(report: JSON, path: Path) -> str | None:
     """A PNG comparing the fronts (median bars, min/max whiskers); None if no matplotlib."""
     try:
@@ -304,12 +341,21 @@ def chart(report: JSON, path: Path) -> str | None:
     summary: dict[str, JSON] = report["summary"]
     panels = (
         ("front_cpu_s_per_1k", "front CPU s per 1,000 handshakes", "haproxy", 2.5, "2.5x haproxy"),
-        ("front_cpu_s_per_gb", "front CPU s per GB echoed", "haproxy", 1.0, "haproxy"),
-        ("front_rss_kib_per_conn", "front KiB per idle connection", None, 16.0, "16 KiB"),
+        ("front_cpu_s_per_gb", "front CPU s per GB echoed", "haproxy", 0.5, "0.5x haproxy"),
+        ("front_rss_kib_per_conn", "front KiB per idle connection", None, 8.0, "8 KiB"),
         ("capacity_per_s", "CPU-bound capacity, handshakes/s", "split", 1.7, "1.7x one worker"),
     )
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    colors = {"split": "C0", "local": "C1", "haproxy": "C2", "workers2": "C3", "twisted": "C4"}
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    colors = {
+        "split": "C0",
+        "split-twisted": "C9",
+        "local": "C1",
+        "local-twisted": "C8",
+        "haproxy": "C2",
+        "workers2": "C3",
+        "twisted": "C4",
+        "twisted-quiet": "C6",
+    }
     for ax, (key, title, reference, factor, label) in zip(axes.flat, panels, strict=True):
         fronts = [f for f in summary if summary[f][key]["n"]]
         medians = [summary[f][key]["median"] for f in fronts]
@@ -339,6 +385,7 @@ def chart(report: JSON, path: Path) -> str | None:
             )
             ax.legend(fontsize=8)
         ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     params = report["params"]
     fig.suptitle(

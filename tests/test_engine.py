@@ -25,6 +25,7 @@ import contextlib
 import os
 import select
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -58,6 +59,8 @@ pytestmark = pytest.mark.skipif(not AVAILABLE, reason="the lean engine is Linux 
 MiB = 1024 * 1024
 #: How long the harness waits for the kernel between rounds with nothing to do.
 QUIET = 0.01
+#: SO_LINGER on, 0 seconds: close sends a reset.
+RESET_LINGER = struct.pack("ii", 1, 0)
 #: Rounds with nothing moving before the harness calls it settled.
 QUIET_ROUNDS = 3
 
@@ -79,6 +82,8 @@ class SocketLink:
     def __init__(self, harness: LeanHarness, client: socket.socket) -> None:
         self.harness = harness
         self.client = _nonblocking(client)
+        #: The front's protocol for this connection (set once accepted).
+        self.front: Any = None
         self.backend: socket.socket | None = None
         self.client_data = bytearray()
         self.backend_data = bytearray()
@@ -90,7 +95,27 @@ class SocketLink:
         #: stop it, to see flow control).
         self.backend_reading = True
 
+    @property
+    def client_ended(self) -> bool:
+        """Whether the client's stream from the front ended (FIN or reset)."""
+        return self.client_end is not None
+
+    @property
+    def backend_ended(self) -> bool:
+        """Whether the backend's stream from the front ended (FIN or reset)."""
+        return self.backend_end is not None
+
+    @property
+    def record(self) -> Any:
+        """The front's record of this connection."""
+        return self.front.record
+
     # -- the client ---------------------------------------------------------------
+
+    def client_send_pieces(self, data: bytes, size: int) -> None:
+        """Send ``data`` ``size`` bytes at a time, letting the front read each."""
+        for start in range(0, len(data), size):
+            self.client_send(data[start : start + size])
 
     def client_send(self, data: bytes) -> None:
         self.client.setblocking(True)
@@ -107,6 +132,12 @@ class SocketLink:
         self.client.close()
         self.client_closed = True
         self.harness.settle()
+
+    def client_reset(self) -> None:
+        self.client.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        self.client_close()
 
     # -- the backend ---------------------------------------------------------------
 
@@ -133,7 +164,7 @@ class SocketLink:
 
     def backend_reset(self) -> None:
         sock = self._backend()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
         sock.close()
         self.backend_closed = True
         self.harness.settle()
@@ -189,6 +220,21 @@ class LeanHarness:
         self.port: LeanPort | None = None
         self.factory: FrontFactory | None = None
         self.refused_port = self._closed_port()
+        self.silent: list[socket.socket] = []
+
+    def _silent_port(self) -> int:
+        """A listener whose accept queue is full: a new connect's SYN is dropped."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        self.silent = [silent]
+        for _ in range(2):  # backlog 0 still queues one; fill it up
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            self.silent.append(filler)
+        port: int = silent.getsockname()[1]
+        return port
 
     @staticmethod
     def _closed_port() -> int:
@@ -202,9 +248,17 @@ class LeanHarness:
         return engine_for(self.clock)
 
     def backend(
-        self, *, name: str = "be", port: int | None = None, timeout: float = 5.0
+        self, *, name: str = "be", kind: str = "ok", port: int | None = None, timeout: float = 5.0
     ) -> Backend:
-        """A plain TCP backend at the harness's backend socket (or ``port``)."""
+        """A plain TCP backend at the harness's backend socket (or ``port``).
+
+        :param kind: "ok"; "refused" (nothing listens there); "silent"
+            (connects never complete: a listener whose queue is full).
+        """
+        if kind == "refused":
+            port = self.refused_port
+        elif kind == "silent":
+            port = self._silent_port()
         port = self.backend_server.getsockname()[1] if port is None else port
         return Backend(
             name,
@@ -231,11 +285,15 @@ class LeanHarness:
 
     def open(self, first: bytes = b"") -> SocketLink:
         """Connect a client and send ``first``."""
-        assert self.port is not None
+        assert self.port is not None and self.factory is not None
+        before = set(self.factory.connections)
         client = socket.create_connection(("127.0.0.1", self.port.getHost().port), timeout=5)
         link = SocketLink(self, client)
         self.links.append(link)
         self.settle()
+        accepted = set(self.factory.connections) - before
+        if accepted:
+            (link.front,) = accepted
         if first:
             link.client_send(first)
         return link
@@ -289,6 +347,8 @@ class LeanHarness:
             self.port.stopListening()
         self.settle()
         self.backend_server.close()
+        for sock in self.silent:
+            sock.close()
         self.engine.close()
 
 
@@ -690,6 +750,7 @@ class EndpointTests(SynchronousTestCase):
             adopt_port(harness.clock, sock.fileno(), socket.AF_INET, factory), LeanPort
         )
         harness.port = port
+        harness.factory = factory
         link = harness.open(plain_hello())
         self.assertEqual(bytes(link.backend_data), plain_hello())
 

@@ -19,27 +19,30 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription
 from echfront.front.connection import ConnectionRecord, StreamTransport
+from echfront.front.engine import AVAILABLE, DeadlineClock
 from echfront.front.metrics import Metrics
 from echfront.front.protocol import FrontFactory, FrontProtocol
 from echfront.front.relay import Relay
 from echfront.front.state import FrontSettings, FrontState
 from echfront.interfaces import IRouter
-from echfront.targets import Backend, Route
+from echfront.targets import Backend, Local, Route
 from echfront.tls.records import CONTENT_HANDSHAKE, frame_records
 from tests.echhello import (
     EXT_GROUPS,
@@ -733,3 +736,462 @@ class ProxyProtocolTests(RelayTestCase):
         tlvs = data[16 + 12 : 16 + length]
         self.assertEqual(tlvs, b"\x02\x00\x0dplain.example" + b"\xe0\x00\x01\x00")
         self.assertEqual(data[16 + length :], records)
+
+
+# -- the same behaviour on both engines ---------------------------------------------
+#
+# Every test below runs twice: on the Twisted relay, in memory (MemoryHarness,
+# the tools of the tests above), and on the lean engine over real loopback
+# sockets (tests.test_engine.LeanHarness).  Both harnesses give a link with
+# the same interface: the client's and the backend's writes, half-closes and
+# closes, and what each end received.  Deadlines on the lean engine are
+# coarse (up to DeadlineClock.RESOLUTION late), so timeouts are checked with
+# that much room, never earlier.
+
+
+class MemoryLink:
+    """A client connection through the Twisted relay, in memory."""
+
+    def __init__(self, harness: MemoryHarness, pipe: Pipe, client: RecordingServer) -> None:
+        self.harness = harness
+        self.pipe = pipe
+        self.client = client
+        self.front: FrontProtocol = pipe.server.protocol  # type: ignore[assignment]
+        self.backend: RecordingServer | None = None
+
+    @property
+    def client_data(self) -> bytes:
+        return bytes(self.client.data)
+
+    @property
+    def backend_data(self) -> bytes:
+        return b"" if self.backend is None else bytes(self.backend.data)
+
+    @property
+    def client_ended(self) -> bool:
+        return "eof" in self.client.events or "lost" in self.client.events
+
+    @property
+    def backend_ended(self) -> bool:
+        events = [] if self.backend is None else self.backend.events
+        return "eof" in events or "lost" in events
+
+    @property
+    def record(self) -> ConnectionRecord:
+        return self.front.record
+
+    def client_send(self, data: bytes) -> None:
+        self.pipe.client.write(data)
+        self.harness.settle()
+
+    def client_send_pieces(self, data: bytes, size: int) -> None:
+        self.pipe.server.read_size = size
+        self.client_send(data)
+
+    def client_shutdown(self) -> None:
+        self.pipe.client.loseWriteConnection()
+        self.harness.settle()
+
+    def client_close(self) -> None:
+        self.pipe.client.loseConnection()
+        self.harness.settle()
+
+    def client_reset(self) -> None:
+        self.pipe.client.abortConnection()
+        self.harness.settle()
+
+    def _backend(self) -> RecordingServer:
+        assert self.backend is not None, "the front has not connected to the backend"
+        return self.backend
+
+    def backend_send(self, data: bytes) -> None:
+        self._backend().send(data)
+        self.harness.settle()
+
+    def backend_shutdown(self) -> None:
+        self._backend().half_close()
+        self.harness.settle()
+
+    def backend_close(self) -> None:
+        self._backend().close()
+        self.harness.settle()
+
+    def backend_reset(self) -> None:
+        transport = self._backend().transport
+        assert transport is not None
+        transport.abortConnection()  # type: ignore[attr-defined]
+        self.harness.settle()
+
+
+class MemoryHarness:
+    """The Twisted relay on a memory reactor, with LeanHarness's interface."""
+
+    def __init__(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.net = Network(self.clock)
+        self.backends = RecordingFactory()
+        TCP4ServerEndpoint(self.clock, BACKEND_PORT).listen(self.backends)
+        self.links: list[MemoryLink] = []
+        self.factory: FrontFactory | None = None
+        #: How the backend's connects end: "ok", "refused" or "silent".
+        self.kind = "ok"
+
+    def backend(self, *, name: str = "be", kind: str = "ok", timeout: float = 5.0) -> Backend:
+        self.kind = kind
+        endpoint = TCP4ClientEndpoint(self.clock, "127.0.0.1", BACKEND_PORT)
+        return Backend(name, endpoint, connect_timeout=timeout)
+
+    def serve(
+        self,
+        router: IRouter,
+        targets: frozenset[Backend | Local],
+        settings: FrontSettings | None = None,
+    ) -> FrontFactory:
+        state = FrontState(ECHDecoder(KeySet([KEY])), router, targets, settings or FrontSettings())
+        self.factory = FrontFactory(state, self.clock)
+        return self.factory
+
+    def open(self, first: bytes = b"") -> MemoryLink:
+        assert self.factory is not None
+        front = self.factory.buildProtocol(CLIENT_ADDRESS)
+        assert front is not None
+        client = RecordingServer()
+        link = MemoryLink(self, self.net.connect(client, front), client)
+        self.links.append(link)
+        if first:
+            link.client_send(first)
+        return link
+
+    def settle(self) -> None:
+        self.net.flush()
+        while self.clock.tcpClients and self.kind != "silent":
+            if self.kind == "refused":
+                ConnectionCompleter(self.clock).failOnce(Failure(ConnectionRefusedError()))
+            else:
+                self.net.complete_backend(self.clock)
+                waiting = [link for link in self.links if link.backend is None]
+                waiting[0].backend = self.backends.built[-1]
+            self.net.flush()
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.settle()
+
+    def close(self) -> None:
+        """Nothing to release in memory."""
+
+
+class RelayBehaviour:
+    """What a relay does, whichever engine runs it (the harness is the subclass's)."""
+
+    harness: Any
+    #: Extra time a deadline may take on this harness.
+    late = 0.0
+
+    def make_harness(self) -> Any:
+        raise TypeError("each concrete class says which harness it runs on")
+
+    def setUp(self) -> None:
+        self.harness = self.make_harness()
+        self.addCleanup(self.harness.close)  # type: ignore[attr-defined]
+        self.serve()
+
+    def serve(self, *, kind: str = "ok", timeout: float = 5.0, **settings: Any) -> None:
+        self.backend = self.harness.backend(kind=kind, timeout=timeout)
+        self.factory = self.harness.serve(
+            FixedRouter(self.backend), frozenset({self.backend}), FrontSettings(**settings)
+        )
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        value: float | None = self.factory.metrics.registry.get_sample_value(name, labels)
+        return value
+
+    # -- forwarding ----------------------------------------------------------------
+
+    def test_accepted_forwards_inner_records_then_rest(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        link = self.harness.open(sealed.records + CCS + APP_DATA)
+        assert link.backend_data == inner_records(sealed) + CCS + APP_DATA
+        assert link.client_data == b""
+        assert link.record.hello.status is ECHStatus.ACCEPTED
+
+    def test_only_whole_records_before_the_server_hello(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        link = self.harness.open(sealed.records + APP_DATA + EARLY_DATA[:3])
+        assert link.backend_data == inner_records(sealed) + APP_DATA
+        link.client_send(EARLY_DATA[3:6])
+        assert link.backend_data == inner_records(sealed) + APP_DATA
+        hello = server_hello()
+        link.backend_send(hello + SERVER_CCS)
+        assert link.client_data == hello + SERVER_CCS
+        assert link.backend_data == inner_records(sealed) + APP_DATA + EARLY_DATA[:6]
+        link.client_send(EARLY_DATA[6:] + b"\x17\x03\x03")
+        link.backend_send(b"\x17\x03\x03\x00\x02hi")
+        assert link.backend_data == inner_records(sealed) + APP_DATA + EARLY_DATA + b"\x17\x03\x03"
+        assert link.client_data == hello + SERVER_CCS + b"\x17\x03\x03\x00\x02hi"
+        assert not link.record.hello_retry
+
+    def test_grease_is_not_watched(self) -> None:
+        grease = seal_hello(KEY.config, InnerSpec(), ech_extension=grease_extension())
+        link = self.harness.open(grease.records + CCS)
+        assert link.backend_data == grease.records + CCS
+        link.backend_send(server_hello(retry=True))
+        link.client_send(b"\x16\x03\x03\x00\x01")  # an inspector would refuse this
+        assert link.client_data == server_hello(retry=True)
+        assert link.backend_data == grease.records + CCS + b"\x16\x03\x03\x00\x01"
+        assert not link.client_ended
+
+    def test_backend_alert_instead_of_a_server_hello_passes(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        link = self.harness.open(sealed.records)
+        link.backend_send(alert(40))
+        link.client_send(APP_DATA)
+        assert link.client_data == alert(40)
+        assert link.backend_data == inner_records(sealed) + APP_DATA
+
+    def test_plain_hello_is_forwarded_as_sent(self) -> None:
+        records = plain_hello()
+        link = self.harness.open(records + EARLY_DATA)
+        assert link.backend_data == records + EARLY_DATA
+        link.backend_send(server_hello())
+        assert link.client_data == server_hello()
+        assert link.record.bytes_from_client == len(EARLY_DATA)
+        assert link.record.bytes_to_client == len(server_hello())
+
+    # -- HelloRetryRequest (RFC 9849 §7.1.1) ------------------------------------------
+
+    def retried(self) -> tuple[SealedHello, Any]:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        link = self.harness.open(sealed.records)
+        link.backend_send(server_hello(retry=True) + SERVER_CCS)
+        assert link.client_data == server_hello(retry=True) + SERVER_CCS
+        return sealed, link
+
+    def test_second_hello_rewritten_after_ccs_and_early_data(self) -> None:
+        sealed, link = self.retried()
+        second = sealed.second()
+        after = b"\x17\x03\x03\x00\x03abc"
+        link.client_send_pieces(CCS + APP_DATA + second.records + after, 37)
+        assert link.backend_data == (
+            inner_records(sealed) + CCS + APP_DATA + inner_records(second, 0x0303) + after
+        )
+        link.backend_send(server_hello())
+        link.client_send(b"\x17\x03\x03\x00\x01Z")
+        assert link.client_data == server_hello(retry=True) + SERVER_CCS + server_hello()
+        assert link.backend_data.endswith(b"\x17\x03\x03\x00\x01Z")
+        assert link.record.hello_retry
+        assert self.sample("echfront_hello_retry_requests_total") == 1
+
+    def test_ccs_and_early_data_before_the_hrr_are_forwarded(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        second = sealed.second()
+        link = self.harness.open(sealed.records + APP_DATA)
+        link.client_send(CCS[:2])  # a partial record is held back
+        assert link.backend_data == inner_records(sealed) + APP_DATA
+        link.backend_send(server_hello(retry=True))
+        link.client_send(CCS[2:] + second.records)
+        assert link.backend_data == (
+            inner_records(sealed) + APP_DATA + CCS + inner_records(second, 0x0303)
+        )
+
+    def test_corrupted_second_hello_gets_decrypt_error(self) -> None:
+        sealed, link = self.retried()
+        second = sealed.second()
+        records = bytearray(second.records)
+        records[5 + 4 + second.payload_offset + 3] ^= 0x01
+        link.client_send(CCS)
+        link.client_send(bytes(records))
+        assert link.client_data == server_hello(retry=True) + SERVER_CCS + alert(51)
+        assert link.backend_data == inner_records(sealed) + CCS
+        assert link.client_ended and link.backend_ended
+        assert self.factory.open_connections == 0
+
+    def test_second_hello_without_ech_gets_missing_extension(self) -> None:
+        sealed, link = self.retried()
+        second = sealed.second(
+            outer=[(EXT_SNI, sni(PUBLIC_NAME)), EXT_GROUPS, EXT_SIGALGS, EXT_KEY_SHARE]
+        )
+        link.client_send(second.records)
+        assert link.client_data == server_hello(retry=True) + SERVER_CCS + alert(109)
+        assert link.backend_data == inner_records(sealed)
+        assert link.backend_ended
+
+    def test_second_hello_with_fresh_enc_gets_illegal_parameter(self) -> None:
+        sealed, link = self.retried()
+        link.client_send(seal_hello(KEY.config, InnerSpec(), record_version=0x0303).records)
+        assert link.client_data[-7:] == alert(47)
+        assert link.backend_data == inner_records(sealed)
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def test_connection_refused_gets_internal_error(self) -> None:
+        self.serve(kind="refused")
+        link = self.harness.open(plain_hello())
+        assert link.client_data == alert(80)
+        assert link.client_ended
+        assert link.record.close_reason.startswith("backend connect failed")
+        assert self.sample("echfront_backend_failures_total", backend="be", reason="refused") == 1
+        assert self.factory.open_connections == 0
+
+    def test_connect_timeout_gets_internal_error(self) -> None:
+        self.serve(kind="silent", timeout=3)
+        link = self.harness.open(plain_hello())
+        self.harness.advance(2.9)
+        assert link.client_data == b""
+        self.harness.advance(0.1 + self.late)
+        assert link.client_data == alert(80)
+        assert link.client_ended
+        assert link.record.close_reason == "backend connect timed out"
+        assert self.sample("echfront_backend_failures_total", backend="be", reason="timeout") == 1
+        assert self.factory.open_connections == 0
+
+    def test_client_reset_while_connecting_cancels_the_connect(self) -> None:
+        # (A FIN alone cannot end it: a client may half-close and still
+        # wait for the answer; TCP shows both the same.)
+        self.serve(kind="silent")
+        link = self.harness.open(plain_hello())
+        link.client_reset()
+        assert self.factory.open_connections == 0
+        assert link.backend_data == b""
+
+    def test_handshake_timeout_while_inspecting_aborts_both(self) -> None:
+        self.serve(handshake_timeout=6)
+        link = self.harness.open(seal_hello(KEY.config, InnerSpec()).records)
+        self.harness.advance(5.9)
+        assert not link.client_ended
+        self.harness.advance(0.1 + self.late)
+        assert link.client_ended and link.backend_ended
+        assert link.client_data == b""
+        assert link.record.close_reason == "handshake timeout"
+
+    def test_handshake_deadline_ends_at_the_server_hello(self) -> None:
+        self.serve(handshake_timeout=6)
+        link = self.harness.open(seal_hello(KEY.config, InnerSpec()).records)
+        link.backend_send(server_hello())
+        self.harness.advance(60)
+        assert not link.client_ended and not link.backend_ended
+
+    # -- half-close and closing -----------------------------------------------------------
+
+    def test_client_fin_half_closes_the_backend(self) -> None:
+        link = self.harness.open(plain_hello())
+        link.client_send(APP_DATA)
+        link.client_shutdown()
+        assert link.backend_ended
+        assert link.backend_data.endswith(APP_DATA)
+        link.backend_send(b"reply")
+        assert link.client_data == b"reply"
+        assert not link.client_ended
+
+    def test_backend_fin_half_closes_the_client(self) -> None:
+        link = self.harness.open(plain_hello())
+        link.backend_send(b"last words")
+        link.backend_shutdown()
+        assert link.client_data == b"last words"
+        assert link.client_ended
+        link.client_send(b"still talking")
+        assert link.backend_data.endswith(b"still talking")
+
+    def test_both_fins_close_both(self) -> None:
+        link = self.harness.open(plain_hello())
+        link.client_shutdown()
+        link.backend_send(b"answer after EOF")
+        link.backend_shutdown()
+        assert link.client_data == b"answer after EOF"
+        assert link.client_ended and link.backend_ended
+        assert self.factory.open_connections == 0
+        assert link.record.bytes_to_client == len(b"answer after EOF")
+
+    def test_backend_close_closes_the_client_after_queued_bytes(self) -> None:
+        link = self.harness.open(plain_hello())
+        link.backend_send(b"x" * 1000)
+        link.backend_close()
+        assert link.client_data == b"x" * 1000
+        assert link.client_ended
+        # (Over TCP the backend's close is a FIN: the client may still send
+        # until it closes too.)
+        link.client_close()
+        assert self.factory.open_connections == 0
+
+    def test_backend_closing_before_answering_gets_internal_error(self) -> None:
+        link = self.harness.open(plain_hello())
+        link.backend_close()
+        assert link.client_data == alert(80)
+        assert link.client_ended
+        assert self.sample("echfront_backend_failures_total", backend="be", reason="closed") == 1
+
+    def test_backend_reset_before_answering_gets_internal_error(self) -> None:
+        link = self.harness.open(plain_hello())
+        link.backend_reset()
+        assert link.client_data == alert(80)
+        assert link.client_ended
+        assert link.record.close_reason.startswith("backend closed before answering")
+
+    def test_client_close_closes_the_backend(self) -> None:
+        link = self.harness.open(plain_hello())
+        link.client_send(APP_DATA)
+        link.client_close()
+        assert link.backend_data.endswith(APP_DATA)
+        assert link.backend_ended
+        link.backend_close()
+        assert self.factory.open_connections == 0
+
+    # -- limits, logs and metrics ------------------------------------------------------------
+
+    def test_first_flight_deadline(self) -> None:
+        self.serve(first_flight_timeout=3)
+        link = self.harness.open(plain_hello()[:30])
+        self.harness.advance(2.9)
+        assert not link.client_ended
+        self.harness.advance(0.1 + self.late)
+        assert link.client_ended
+        assert link.record.limit == "first_flight_timeout"
+        assert self.sample("echfront_limited_connections_total", limit="first_flight_timeout") == 1
+
+    def test_refusal_alert_before_routing(self) -> None:
+        link = self.harness.open(b"GET / HTTP/1.0\r\n\r\n")
+        assert link.client_data == alert(10)
+        assert link.client_ended
+        assert self.sample(
+            "echfront_connections_total", ech="error", alert="unexpected_message", route="none"
+        )
+
+    def test_connection_is_counted_and_logged(self) -> None:
+        sealed = seal_hello(KEY.config, InnerSpec())
+        with capturedLogs() as events:
+            link = self.harness.open(sealed.records)
+            link.backend_send(server_hello())
+            link.client_send(APP_DATA)
+            link.client_shutdown()
+            link.backend_shutdown()
+        (event,) = [e for e in events if e.get("log_namespace") == "echfront.connection"]
+        assert (event["ech"], event["route"], event["alert"]) == ("accepted", "be", None)
+        assert event["bytes_from_client"] == len(APP_DATA)
+        assert event["bytes_to_client"] == len(server_hello())
+        assert event["first_flight_bytes"] == len(sealed.records)
+        assert (
+            self.sample("echfront_connections_total", ech="accepted", alert="none", route="be") == 1
+        )
+        assert self.sample("echfront_backend_connect_seconds_count", backend="be") == 1
+        assert self.sample("echfront_active_connections") == 0
+
+
+class MemoryRelayBehaviourTests(RelayBehaviour, SynchronousTestCase):
+    """The Twisted relay (echfront.front.relay), in memory."""
+
+    def make_harness(self) -> Any:
+        return MemoryHarness()
+
+
+class LeanRelayBehaviourTests(RelayBehaviour, SynchronousTestCase):
+    """The lean engine's relay (echfront.front.leanrelay), on loopback sockets."""
+
+    late = DeadlineClock.RESOLUTION + 0.01
+
+    def make_harness(self) -> Any:
+        if not AVAILABLE:
+            raise SkipTest("the lean engine is Linux only")
+        # Imported here: tests.test_engine imports this module's helpers.
+        from tests.test_engine import LeanHarness  # noqa: PLC0415
+
+        return LeanHarness()

@@ -1,5 +1,10 @@
 # mypy: disable-error-code="no-untyped-call"
-"""Zero-copy relaying (echfront.front.splice) on real sockets, and through twistd."""
+"""Zero-copy relaying on real sockets, and through twistd on both engines.
+
+The sessions here are the Twisted relay's (echfront.front.splice); the lean
+engine's splicing (echfront.front.leansplice) has its own tests in
+tests/test_engine.py, and the end-to-end test at the bottom runs both.
+"""
 
 from __future__ import annotations
 
@@ -262,10 +267,12 @@ class SpliceSessionTests(TestCase):
 
 
 @pytest.mark.interop
+@pytest.mark.parametrize("engine", ["lean", "twisted"])
 @pytest.mark.parametrize("zero_copy", [True, False])
 def test_bulk_through_twistd_both_paths(
-    tmp_path_factory: pytest.TempPathFactory, zero_copy: bool
+    tmp_path_factory: pytest.TempPathFactory, zero_copy: bool, engine: str
 ) -> None:
+    """48 MiB echoed through a real front, spliced or copied, on either engine."""
     try:
         go_binary()
     except GoUnavailableError as error:
@@ -276,6 +283,7 @@ def test_bulk_through_twistd_both_paths(
         config = {
             "ech": {"keys": [{"file": str(pki.ech_key)}]},
             "relay": {"splice": zero_copy},
+            "front": {"engine": engine},
             "backends": {"b": {"endpoint": f"tcp:host=127.0.0.1:port={backend.port}"}},
             "routes": [{"name": "secret.example", "backend": "b"}],
         }

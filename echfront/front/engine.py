@@ -65,6 +65,7 @@ __all__ = [
     "AVAILABLE",
     "EVENTS_IN",
     "EVENTS_OUT",
+    "RECV_SIZE",
     "Deadline",
     "DeadlineClock",
     "EventTarget",
@@ -84,11 +85,15 @@ EVENTS_IN = (
 )
 #: Readiness that calls for a write (an error shows on a write too).
 EVENTS_OUT = (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP) if AVAILABLE else 0
+#: The connection is broken (a reset, or both directions shut down).
+EVENTS_BROKEN = (select.EPOLLHUP | select.EPOLLERR) if AVAILABLE else 0
 #: End of stream seen by the kernel: read to the end, not just one chunk.
 EVENTS_END = (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) if AVAILABLE else 0
 _REGISTER = (
     (select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET) if AVAILABLE else 0
 )
+#: Bytes asked for per socket read.
+RECV_SIZE = 65536
 #: Events taken from the epoll instance per wake-up.
 _MAX_EVENTS = 512
 #: Pipe capacity to ask for (unprivileged processes may go up to 1 MiB).
@@ -333,6 +338,10 @@ class LeanEngine:
         self._moderating: IDelayedCall | None = None
         #: Bytes spliced in the current wake-up (see _BULK_BYTES).
         self.spliced = 0
+        #: Every socket read lands here first, and only what arrived is
+        #: copied out: a 64 KiB allocation per read, shrunk to the few
+        #: hundred bytes a handshake read brings, fragments the heap.
+        self.recv_buffer = memoryview(bytearray(RECV_SIZE))
         #: How many times bulk traffic paused the engine (tests read it).
         self.moderations = 0
 

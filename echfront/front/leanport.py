@@ -114,6 +114,12 @@ class LeanPort:
         self.factory.doStart()
         self.listening = True
         self.reactor.addReader(self)
+        # The line Twisted's own port logs, so both engines read the same.
+        _log.info("{prefix} starting on {port}", prefix=self._prefix(), port=self._host.port)
+
+    def _prefix(self) -> str:
+        log_prefix = getattr(self.factory, "logPrefix", None)
+        return log_prefix() if callable(log_prefix) else type(self.factory).__name__
 
     def doRead(self) -> None:
         """Accept what is queued (up to :data:`ACCEPT_BATCH`), each onto the engine."""
@@ -165,6 +171,8 @@ class LeanPort:
         if self.socket is not None:
             self.socket.close()
         self.factory.doStop()
+        if self._host is not None:
+            _log.info("({prefix} Port {port} Closed)", prefix="TCP", port=self._host.port)
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor dropped the listening socket."""

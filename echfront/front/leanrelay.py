@@ -52,6 +52,7 @@ from echfront.front.engine import (
     EVENTS_END,
     EVENTS_IN,
     EVENTS_OUT,
+    RECV_SIZE,
     LeanEngine,
     PlainTarget,
 )
@@ -67,8 +68,6 @@ if TYPE_CHECKING:
 
 __all__ = ["LeanClient", "LeanRelay"]
 
-#: Bytes asked for per read.
-RECV_SIZE = 65536
 #: Bytes relayed past the handshake before splicing (as the Twisted relay).
 SPLICE_AFTER = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -317,12 +316,13 @@ class LeanRelay:
 
     def _read_backend(self, to_end: bool) -> None:
         """Read until the socket is empty (see LeanTransport._read)."""
+        buffer = self.engine.recv_buffer
         while True:
             sock = self.sock
             if sock is None:
                 return
             try:
-                data = sock.recv(RECV_SIZE)
+                size = sock.recv_into(buffer)
             except BlockingIOError:
                 return
             except InterruptedError:
@@ -330,13 +330,13 @@ class LeanRelay:
             except OSError:
                 self._backend_lost(_LOST_MESSAGE)
                 return
-            if not data:
+            if not size:
                 self._backend_ended()
                 return
-            self._deliver(data)
+            self._deliver(bytes(buffer[:size]))
             if self._reads_paused or self._done or self._link is not None:
                 return
-            if len(data) < RECV_SIZE and not to_end:
+            if size < RECV_SIZE and not to_end:
                 return
 
     def _from_backend_watched(self, data: bytes) -> None:

@@ -44,7 +44,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echfront.front.engine import EVENTS_END, EVENTS_IN, EVENTS_OUT, LeanEngine, plain_tcp_target
+from echfront.front.engine import (
+    EVENTS_BROKEN,
+    EVENTS_END,
+    EVENTS_IN,
+    EVENTS_OUT,
+    RECV_SIZE,
+    LeanEngine,
+    plain_tcp_target,
+)
 from echfront.front.leanrelay import LeanRelay
 
 if TYPE_CHECKING:
@@ -60,8 +68,6 @@ __all__ = ["LeanTransport"]
 
 _log = Logger(namespace="echfront.engine")
 
-#: Bytes asked for per read.
-RECV_SIZE = 65536
 #: The reasons ``connectionLost`` gets, as Twisted's TCP transport gives them.
 #: Built once: a Failure records nothing per connection, and every
 #: connection of a kind gets the same message.
@@ -69,6 +75,8 @@ _DONE = Failure(ConnectionDone("Connection done"))
 _LOST = Failure(ConnectionLost("Connection lost"))
 _ABORTED = Failure(ConnectionAborted())
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: What a closed transport's protocol is: nothing reaches it any more.
+_GONE = TwistedProtocol()
 
 
 @implementer(ITCPTransport, IPushProducer, IConsumer)
@@ -149,8 +157,13 @@ class LeanTransport:
             return
         if mask & EVENTS_OUT and self._buffer:
             self._flush()
-        if mask & EVENTS_IN and not (self._paused or self._closed or self._read_closed):
-            self._read(bool(mask & EVENTS_END))
+        if mask & EVENTS_IN and not (self._closed or self._read_closed):
+            if not self._paused:
+                self._read(bool(mask & EVENTS_END))
+            elif mask & EVENTS_BROKEN:
+                # A reset while paused (say, while the backend is being
+                # connected): nothing will be read any more, so say so now.
+                self._check_reset()
 
     def crashed(self, failure: Failure) -> None:
         """An event handler raised: log it and drop the connection."""
@@ -164,10 +177,11 @@ class LeanTransport:
         data arriving later as a new event), unless the peer's FIN is
         already in: then read on to the end of stream (``to_end``).
         """
-        recv = self.socket.recv
+        recv_into = self.socket.recv_into
+        buffer = self.engine.recv_buffer
         while True:
             try:
-                data = recv(RECV_SIZE)
+                size = recv_into(buffer)
             except BlockingIOError:
                 return
             except InterruptedError:
@@ -175,14 +189,23 @@ class LeanTransport:
             except OSError:
                 self._close(_LOST)
                 return
-            if not data:
+            if not size:
                 self._eof()
                 return
-            self.protocol.dataReceived(data)
+            self.protocol.dataReceived(bytes(buffer[:size]))
             if self._paused or self._closed or self._read_closed or self.takeover:
                 return
-            if len(data) < RECV_SIZE and not to_end:
+            if size < RECV_SIZE and not to_end:
                 return
+
+    def _check_reset(self) -> None:
+        """Close if the socket has a pending error (the peer reset it)."""
+        try:
+            error = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            error = 1
+        if error:
+            self._close(_LOST)
 
     def _eof(self) -> None:
         self._read_closed = True
@@ -299,7 +322,14 @@ class LeanTransport:
         self._producer = None
         self.engine.closed(self.fd)
         self.socket.close()
-        self.engine.soon(lambda: self.protocol.connectionLost(reason))
+        self.engine.soon(lambda: self._connection_lost(reason))
+
+    def _connection_lost(self, reason: Failure) -> None:
+        # The protocol is forgotten first, as Twisted's transports do: it
+        # points back here, and a cycle would keep both (and what they
+        # hold) until a full garbage collection.
+        protocol, self.protocol = self.protocol, _GONE
+        protocol.connectionLost(reason)
 
     @property
     def disconnected(self) -> bool:
