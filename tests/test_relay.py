@@ -12,6 +12,11 @@ HelloRetryRequest path with a second ClientHello sealed by
 :mod:`tests.echhello` (RFC 9849 §7.1.1, checklist §1.H), the fast path
 (twisted-design.md §B), producers, half-close, connect failures and the
 PROXY protocol v2 header.
+
+At the bottom, :class:`RelayBehaviour` states what any relay does (bytes,
+alerts, half-close, deadlines, limits, metrics and logs), and runs twice:
+on this relay in memory, and on the lean engine's relay over real loopback
+sockets (:mod:`echfront.front.leanrelay`).
 """
 
 from __future__ import annotations
