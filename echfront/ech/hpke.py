@@ -112,6 +112,16 @@ class HPKEError(Exception):
     """SetupBaseR or Open failed; for ECH this candidate key did not work."""
 
 
+#: X25519PublicKey.from_public_bytes without its per-call import and
+#: support check (the recipient key loaded, so X25519 is supported): the
+#: function it returns through, from cryptography's own binding.
+try:
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    _x25519_public: Callable[[bytes], X25519PublicKey] = _rust_openssl.x25519.from_public_bytes
+except (ImportError, AttributeError):  # pragma: no cover (another cryptography layout)
+    _x25519_public = X25519PublicKey.from_public_bytes
+
 #: HMAC in one C call: the function ``hmac.digest`` calls for a named hash
 #: (CPython's OpenSSL binding), without that wrapper's Python frame.
 _hmac: Callable[[bytes, bytes, str], bytes] = _hashlib.hmac_digest
@@ -193,7 +203,7 @@ class _DHKEMX25519:
         assert isinstance(private, _X25519Private)
         # from_public_bytes refuses a wrong length; exchange refuses the
         # all-zero result of a low-order point (RFC 9180 §7.1.4).
-        dh = private.key.exchange(X25519PublicKey.from_public_bytes(enc))
+        dh = private.key.exchange(_x25519_public(enc))
         # Extract with an empty salt, then one Expand block whose info ends
         # in pkRm || 0x01, precomputed with the key.
         eae_prk = _hmac(b"", self._EAE_PRK + dh, "sha256")

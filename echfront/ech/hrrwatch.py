@@ -31,7 +31,12 @@ from collections.abc import Callable
 
 from echfront.ech.decoder import SecondHelloDecoder
 from echfront.errors import AlertError
-from echfront.tls.hello import HANDSHAKE_CLIENT_HELLO, HANDSHAKE_SERVER_HELLO, ServerHello
+from echfront.tls.hello import (
+    HANDSHAKE_CLIENT_HELLO,
+    HANDSHAKE_SERVER_HELLO,
+    HRR_RANDOM,
+    ServerHello,
+)
 from echfront.tls.records import (
     CONTENT_ALERT,
     CONTENT_APPLICATION_DATA,
@@ -48,6 +53,28 @@ __all__ = ["HelloRetryWatch"]
 _BEFORE_SECOND_HELLO = frozenset(
     (CONTENT_CHANGE_CIPHER_SPEC, CONTENT_APPLICATION_DATA, CONTENT_ALERT)
 )
+
+
+def _is_hello_retry(message: bytes) -> bool:
+    """Whether a ServerHello message is a HelloRetryRequest (RFC 8446 §4.1.3).
+
+    Only a message whose random is the HRR value can be one, and only a
+    well-formed one counts; anything else (an ordinary ServerHello, or one
+    too malformed to parse) needs nothing rewritten.  So the full parse runs
+    only for a candidate: the common ServerHello costs a comparison.
+    """
+    if message[_RANDOM_AT:_RANDOM_END] != HRR_RANDOM:
+        return False
+    try:
+        return ServerHello.from_message(message).is_hello_retry_request
+    except AlertError:
+        return False
+
+
+#: Where the random is in a ServerHello message: after the 4-byte handshake
+#: header and the 2-byte legacy_version.
+_RANDOM_AT = 6
+_RANDOM_END = _RANDOM_AT + len(HRR_RANDOM)
 
 
 class HelloRetryWatch:
@@ -110,11 +137,7 @@ class HelloRetryWatch:
             return True
         if flight is None:
             return False
-        try:
-            retry = ServerHello.from_message(flight.message).is_hello_retry_request
-        except AlertError:
-            retry = False
-        self._server_said(retry, forward)
+        self._server_said(_is_hello_retry(flight.message), forward)
         return True
 
     def _server_said(self, retry: bool, forward: Callable[[bytes], object]) -> None:

@@ -27,8 +27,9 @@ does the same work with less: how the pieces fit (docs/performance.rst,
   protocol, which goes on exactly as today.
 
 This module is the shared core: :class:`LeanEngine` owns the epoll instance
-(edge-triggered, so each socket is registered once, for reading and
-writing, and never modified until it is closed) and runs what a socket's
+(edge-triggered, so each socket is registered once, and modified only
+if a write to it ever has to wait for room: from then on it is watched for
+writability too) and runs what a socket's
 event calls for; :class:`DeadlineClock` gives connections coarse deadlines
 from one timer instead of a ``DelayedCall`` each.  Both are per reactor
 (:func:`engine_for`).
@@ -89,9 +90,12 @@ EVENTS_OUT = (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP) if AVAILABLE 
 EVENTS_BROKEN = (select.EPOLLHUP | select.EPOLLERR) if AVAILABLE else 0
 #: End of stream seen by the kernel: read to the end, not just one chunk.
 EVENTS_END = (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) if AVAILABLE else 0
-_REGISTER = (
-    (select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET) if AVAILABLE else 0
-)
+#: What every socket is watched for (edge-triggered): reads and end of stream;
+#: errors always show.  Writability only once a write had to wait
+#: (:meth:`LeanEngine.watch_writes`): otherwise every ACK that frees send
+#: space would be an event with nothing to do.
+_READS = (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET) if AVAILABLE else 0
+_READS_AND_WRITES = (_READS | select.EPOLLOUT) if AVAILABLE else 0
 #: Bytes asked for per socket read.
 RECV_SIZE = 65536
 #: Events taken from the epoll instance per wake-up.
@@ -347,14 +351,21 @@ class LeanEngine:
 
     # -- registration -------------------------------------------------------
 
-    def register(self, fd: int, target: EventTarget) -> None:
-        """Watch ``fd`` for reading and writing, edge-triggered, until :meth:`closed`."""
-        self.epoll.register(fd, _REGISTER)
+    def register(self, fd: int, target: EventTarget, *, writes: bool = False) -> None:
+        """Watch ``fd`` (edge-triggered) until :meth:`closed`: reads, and ``writes`` too."""
+        self.epoll.register(fd, _READS_AND_WRITES if writes else _READS)
         self._targets[fd] = target
         self._closed_now.discard(fd)
         if not self._watched and self._moderating is None:
             self._watched = True
             self.reactor.addReader(self)
+
+    def watch_writes(self, fd: int) -> None:
+        """Report ``fd`` writable too from now on (a write had to wait for room).
+
+        Edge-triggered: if it is writable already, the next poll says so.
+        """
+        self.epoll.modify(fd, _READS_AND_WRITES)
 
     def unregister(self, fd: int) -> None:
         """Stop watching ``fd``, which stays open (it is handed to someone else)."""
@@ -381,6 +392,11 @@ class LeanEngine:
     def sockets(self) -> int:
         """Sockets registered now."""
         return len(self._targets)
+
+    @property
+    def registered(self) -> dict[int, EventTarget]:
+        """The registered descriptors and what their events go to."""
+        return self._targets
 
     def _unwatch(self) -> None:
         if self._watched:

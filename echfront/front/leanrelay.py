@@ -88,6 +88,7 @@ class LeanClient(Protocol):
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
     def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def watch_writes(self) -> None: ...
 
     @property
     def buffered(self) -> int: ...
@@ -129,6 +130,7 @@ class LeanRelay:
         "_splice_at",
         "_splicing",
         "_watch",
+        "_watching_writes",
         "backend",
         "client",
         "engine",
@@ -180,6 +182,7 @@ class LeanRelay:
         self._shut_backend = 0
         self._closing_backend = False
         self._reads_paused = False
+        self._watching_writes = False
         self._splice_at: int | None = None
         self._link: SpliceLink | None = None
 
@@ -208,26 +211,35 @@ class LeanRelay:
             return
         self.sock = sock
         self.fd = sock.fileno()
-        engine.register(self.fd, self)
         self._deadline = engine.clock.callLater(
             self.backend.connect_timeout, self._connect_timed_out
         )
-        self._try_first_write()
+        # Often up already (a near backend): then reads are all to watch for.
+        connected = self._try_first_write()
+        if self.sock is not None:
+            # (A first write that had to wait asked for writability already.)
+            writes = self._watching_writes or not connected
+            engine.register(self.fd, self, writes=writes)
+            self._watching_writes = writes
 
-    def _try_first_write(self) -> None:
-        """Send the first flight if the connection is up; a failed connect shows here."""
+    def _try_first_write(self) -> bool:
+        """Send the first flight if the connection is up; a failed connect shows here.
+
+        :returns: whether the connection is up.
+        """
         sock = self.sock
         info = self.info
         assert sock is not None and info is not None
         try:
             sent = sock.send(info.forward)
         except (BlockingIOError, InterruptedError):
-            return  # still connecting: the socket's first writable event tells
+            return False  # still connecting: the socket's first writable event tells
         except OSError as error:
             self._close_backend(gentle=False)
             self._connect_failed(error.errno or errno.ECONNREFUSED)
-            return
+            return False
         self._on_connected(info, sent)
+        return True
 
     def _connect_failed(self, code: int) -> None:
         """The backend could not be reached: tell the client with an alert."""
@@ -263,6 +275,7 @@ class LeanRelay:
         self.info = None  # only the second-hello decoder is needed from here on
         if sent < len(info.forward):
             self._out += memoryview(info.forward)[sent:]
+            self._watch_backend_writes()
         record = self.client.record
         pending, self._pending = self._pending, b""
         if info.second_hello is not None:
@@ -421,7 +434,14 @@ class LeanRelay:
             return
         if sent < len(data):
             out += memoryview(data)[sent:]
+            self._watch_backend_writes()
             self.transport.pauseProducing()
+
+    def _watch_backend_writes(self) -> None:
+        if not self._watching_writes and self.sock is not None and self.fd >= 0:
+            self._watching_writes = True
+            if self.fd in self.engine.registered:
+                self.engine.watch_writes(self.fd)
 
     def _flush_out(self) -> None:
         out = self._out
@@ -580,6 +600,9 @@ class LeanRelay:
         if self._out or transport.buffered or transport.disconnected:
             return  # tried again after the next chunk
         self._splice_at = None
+        # The pumps wait for room on either side.
+        self._watch_backend_writes()
+        transport.watch_writes()
         link = self._link = SpliceLink(
             self.engine,
             transport.fd,

@@ -103,6 +103,7 @@ class LeanTransport:
         "_producer_paused",
         "_read_closed",
         "_shut_write",
+        "_watching_writes",
         "engine",
         "fd",
         "handed_over",
@@ -134,6 +135,7 @@ class LeanTransport:
         self._closed = False
         #: 0: open; 1: FIN to send once the buffer drains; 2: sent.
         self._shut_write = 0
+        self._watching_writes = False
         self._producer: Any = None
         self._producer_paused = False
         self._half_closeable = IHalfCloseableProtocol.providedBy(protocol)
@@ -235,6 +237,7 @@ class LeanTransport:
             return
         if sent < len(data):
             buffer += memoryview(data)[sent:]
+            self.watch_writes()
             producer = self._producer
             if producer is not None and not self._producer_paused:
                 self._producer_paused = True
@@ -269,6 +272,12 @@ class LeanTransport:
             self._shutdown_write()
         if self._closing:
             self._close(_DONE)
+
+    def watch_writes(self) -> None:
+        """Have the engine report this socket writable (once a write had to wait)."""
+        if not self._watching_writes and not self._closed:
+            self._watching_writes = True
+            self.engine.watch_writes(self.fd)
 
     def _lost(self) -> None:
         self._close(_LOST)
