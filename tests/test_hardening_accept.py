@@ -61,6 +61,7 @@ from echfront.errors import ConfigError
 from echfront.front import splice
 from echfront.front.accept import closes_refused
 from echfront.front.connection import CONNECTION_EVENT
+from echfront.front.leanport import lean_endpoint
 from echfront.front.protocol import FrontFactory
 from echfront.front.proxyproto import ProxyHeaderReader, v2_header
 from echfront.front.state import FrontSettings, FrontState
@@ -243,6 +244,9 @@ class RefusalOnEveryEndpointTests(RealFrontCase):
             description = "tcp:0:interface=127.0.0.1"
         endpoint = serverFromString(reactor, description)
         self.assertEqual(closes_refused(endpoint), True)
+        if kind == "lean":
+            # The lean engine's port (the default for plain tcp: listeners).
+            endpoint = lean_endpoint(reactor, endpoint)
         listener = factory.listener(
             proxied=kind == "proxy", bare_port=bare and closes_refused(endpoint)
         )
@@ -323,6 +327,12 @@ class RefusalOnEveryEndpointTests(RealFrontCase):
 
     def test_under_a_wrapping_factory(self) -> Any:
         return self.refused_on("wrapped")
+
+    def test_lean_engine(self) -> Any:
+        return self.refused_on("lean")
+
+    def test_lean_engine_bare(self) -> Any:
+        return self.refused_on("lean", bare=True)
 
     @inlineCallbacks
     def test_a_balancer_outside_proxy_from_is_refused(self) -> Any:
@@ -781,3 +791,10 @@ def test_proxy_configuration() -> None:
 def test_the_haproxy_wrapper_is_refused_on_the_command_line() -> None:
     with pytest.raises(usage.UsageError, match=r"\[proxy\] listen"):
         Options().parseOptions(["--listen", "haproxy:tcp:8443"])
+
+
+def test_listeners_log_as_the_front() -> None:
+    # Operators (and tests/test_operations.py) read "FrontFactory starting on PORT".
+    factory = FrontFactory.__new__(FrontFactory)
+    assert factory.listener().logPrefix() == "FrontFactory"
+    assert factory.listener(proxied=True).logPrefix() == "FrontFactory (PROXY protocol)"

@@ -82,10 +82,12 @@ _BARE_PORT_ENDPOINTS = (
 def closes_refused(endpoint: object) -> bool:
     """Whether ``endpoint`` listens with a port that closes the socket of a refusal (None).
 
-    True for ``tcp:``, ``tcp6:``, ``unix:`` and ``systemd:`` endpoints;
-    False for anything that may wrap the factory (TLS, plugins).
+    True for ``tcp:``, ``tcp6:``, ``unix:`` and ``systemd:`` endpoints, and
+    for any endpoint that says so with a true ``closes_refused`` attribute
+    (its port closes the socket of a None itself); False for anything that
+    may wrap the factory (TLS, plugins).
     """
-    return type(endpoint) in _BARE_PORT_ENDPOINTS
+    return type(endpoint) in _BARE_PORT_ENDPOINTS or getattr(endpoint, "closes_refused", 0) is True
 
 
 def trusted(host: object, networks: Iterable[_Network]) -> bool:
@@ -166,6 +168,11 @@ class ListenerFactory(Factory):
         if protocol is None and not self.bare_port:
             return Refused()
         return protocol
+
+    def logPrefix(self) -> str:
+        """The front's name in the port's log lines ("FrontFactory starting on 443")."""
+        name = type(self.front).__name__
+        return f"{name} (PROXY protocol)" if self.proxied else name
 
     def doStart(self) -> None:
         """Tell the front's factory a listener started."""
