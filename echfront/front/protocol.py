@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FrontFactory", "FrontProtocol", "log_connection"]
 
+
 def log_connection(record: ConnectionRecord, now: float, *, log_server_names: bool) -> None:
     """Emit the connection's one event (level info) now; ``now`` in the reactor's seconds.
 
