@@ -606,7 +606,7 @@ class SpliceTests(LeanTestCase):
 
 @pytest.mark.skipif(global_reactor.__class__.__name__ != "EPollReactor", reason="needs epoll")
 class HandOverTests(TestCase):
-    """Targets the engine does not carry go to Twisted's transport, on the real reactor."""
+    """Local TLS on the lean transport, and other backends on Twisted's, on the real reactor."""
 
     timeout = 30
 
@@ -625,7 +625,7 @@ class HandOverTests(TestCase):
         self.addCleanup(port.stopListening)
         return port
 
-    def test_local_termination_goes_to_a_twisted_transport(self) -> Deferred[None]:
+    def test_local_termination_stays_on_the_lean_transport(self) -> Deferred[None]:
         options = load_certificate_options(ISSUED.chain, ISSUED.key)
         target = local_target("local", options, Factory.forProtocol(EchoServer), global_reactor)
         port = self.listen(FixedRouter(target), frozenset({target}))
@@ -652,8 +652,8 @@ class HandOverTests(TestCase):
         def check(_: object) -> Deferred[None]:
             self.assertIn(b"hello", b"".join(answers))
             (front,) = self.factory.connections
-            self.assertNotIsInstance(front.transport, LeanTransport)
-            self.assertIs(front.reactor, global_reactor)
+            self.assertIsInstance(front.transport, LeanTransport)
+            self.assertFalse(front.transport.handed_over)
             tls.close()
             return poll_until(lambda: not self.factory.connections)
 

@@ -21,10 +21,12 @@ does the same work with less: how the pieces fit (docs/performance.rst,
   :class:`~echfront.ech.hrrwatch.HelloRetryWatch` as the Twisted relay,
   relays with flow control and half-close and switches to ``splice(2)``
   for bulk data;
-* for any other target (local TLS termination, ``unix:``, ``tls:`` or plugin
-  endpoints, PROXY-protocol backends, host names) the transport hands its
-  socket to a Twisted transport (``adoptStreamConnection``) under the same
-  protocol, which goes on exactly as today.
+* local TLS termination runs on the lean transport as on any transport
+  (Twisted's TLS layer needs only a transport's calls);
+* for any other backend (``unix:``, ``tls:`` or plugin endpoints,
+  PROXY-protocol backends, host names) the transport hands its socket to a
+  Twisted transport (``adoptStreamConnection``) under the same protocol,
+  which goes on exactly as today.
 
 This module is the shared core: :class:`LeanEngine` owns the epoll instance
 (edge-triggered, so each socket is registered once, and modified only

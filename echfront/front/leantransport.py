@@ -14,9 +14,10 @@ the current event, never inside a call).
 The engine asks the transport for the connection's handler when the front
 has routed it (:meth:`LeanTransport.handler_for`, the hook
 :meth:`~echfront.front.protocol.FrontProtocol._routed` looks for): a
-:class:`~echfront.front.leanrelay.LeanRelay` for a plain TCP backend; for
-anything else the socket goes to a Twisted transport
-(``adoptStreamConnection``) under the same protocol, whose handler is then
+:class:`~echfront.front.leanrelay.LeanRelay` for a plain TCP backend; the
+front's own local TLS hand-off for a local service, on this transport; for
+any other backend the socket goes to a Twisted transport
+(``adoptStreamConnection``) under the same protocol, whose relay is then
 built exactly as on any Twisted transport.
 """
 
@@ -54,6 +55,7 @@ from echfront.front.engine import (
     plain_tcp_target,
 )
 from echfront.front.leanrelay import LeanRelay
+from echfront.targets import Backend, Local
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IProtocol
@@ -62,7 +64,6 @@ if TYPE_CHECKING:
     from echfront.front.connection import ClientSide, Handler
     from echfront.front.metrics import Metrics
     from echfront.front.state import FrontSettings
-    from echfront.targets import Backend, Local
 
 __all__ = ["LeanTransport"]
 
@@ -432,14 +433,19 @@ class LeanTransport:
         """The handler for a routed connection, if the engine carries ``route`` itself.
 
         A plain TCP backend (an IP address, no PROXY header) gets a
-        :class:`~echfront.front.leanrelay.LeanRelay`.  For any other target
-        the socket goes to a Twisted transport under the same protocol first
-        (:meth:`hand_over`) and None is returned: the caller then builds its
-        usual handler, on that transport.
+        :class:`~echfront.front.leanrelay.LeanRelay`.  A local service gets
+        None: the caller's local TLS runs on this transport as on any other.
+        For any other backend the socket goes to a Twisted transport under
+        the same protocol first (:meth:`hand_over`) and None is returned: the
+        caller then builds its usual relay, on that transport.
         """
         target = plain_tcp_target(route)
         if target is not None and not self._closed:
             return LeanRelay(client, self, info, target, metrics=metrics, settings=settings)
+        if isinstance(route, Local):
+            # Local TLS needs only a transport's calls: it stays here, and
+            # saves the hand-over (and Twisted's transport) per connection.
+            return None
         self.hand_over()
         return None
 
