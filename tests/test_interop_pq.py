@@ -35,6 +35,7 @@ import pytest
 from echfront.app.certs import TestCA
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus, parse_outer_ech
 from echfront.ech.echconfig import KEM_MLKEM768_X25519, KEM_X25519_HKDF_SHA256, decode_config_list
+from echfront.ech.grease import is_decoy
 from echfront.ech.keyset import ECHKey, KeySet
 from echfront.keys.keyfile import read_key_file
 from echfront.tls.hello import EXT_ECH
@@ -102,7 +103,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     config_list = base64.b64decode(record.strip().partition(' ech="')[2].rstrip('"'))
     (pq,) = read_key_file(pq_path)
     (classic,) = read_key_file(classic_path)
-    assert decode_config_list(config_list).configs == (pq.config, classic.config)
+    decoy, *real = decode_config_list(config_list).configs
+    assert is_decoy(decoy), "the published list leads with a GREASE decoy (RFC 9849 §6.2.2)"
+    assert real == [pq.config, classic.config]
     return Keys(pq_path, classic_path, pq, classic, config_list)
 
 
