@@ -26,8 +26,9 @@ pytestmark = pytest.mark.interop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "quicbench.py"
-#: Bound on the whole run (about 20 s on the shared 2-core machine; Go is built before).
-RUN_TIMEOUT = 45.0
+#: Bound on the whole run: about 20 s on an idle 2-core machine, but several times
+#: that in a fresh CI run next to other suites; Go is built before.
+RUN_TIMEOUT = 180.0
 #: --quick: handshakes per repeat, the warm-up's, and the download sizes.
 HANDSHAKES, WARM_UP, BULK = 40, 16, 4 << 20
 
