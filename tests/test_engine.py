@@ -39,7 +39,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from echfront.ech.decoder import ECHDecoder
 from echfront.ech.keyset import KeySet
-from echfront.front.engine import AVAILABLE, DeadlineClock, engine_for, plain_tcp_target
+from echfront.front.deadlines import DeadlineClock
+from echfront.front.engine import AVAILABLE, engine_for, plain_tcp_target
 from echfront.front.leanport import LeanPort, LeanServerEndpoint, adopt_port, lean_endpoint
 from echfront.front.leantransport import LeanTransport
 from echfront.front.local import local_target
@@ -652,8 +653,9 @@ class HandOverTests(TestCase):
         def check(_: object) -> Deferred[None]:
             self.assertIn(b"hello", b"".join(answers))
             (front,) = self.factory.connections
-            self.assertIsInstance(front.transport, LeanTransport)
-            self.assertFalse(front.transport.handed_over)
+            transport = front.transport
+            assert isinstance(transport, LeanTransport)
+            self.assertFalse(transport.handed_over)
             tls.close()
             return poll_until(lambda: not self.factory.connections)
 

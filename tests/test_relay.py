@@ -41,7 +41,8 @@ from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription
 from echfront.front.connection import ConnectionRecord, StreamTransport
-from echfront.front.engine import AVAILABLE, DeadlineClock
+from echfront.front.deadlines import DeadlineClock
+from echfront.front.engine import AVAILABLE
 from echfront.front.metrics import Metrics
 from echfront.front.protocol import FrontFactory, FrontProtocol
 from echfront.front.relay import Relay

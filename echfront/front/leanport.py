@@ -8,7 +8,7 @@ socket becomes a :class:`~echfront.front.leantransport.LeanTransport` with
 the protocol the factory builds for it, exactly as a Twisted port would
 (a factory that returns None closes the socket).  A
 :class:`~echfront.front.protocol.FrontProtocol` gets its deadlines from the
-engine's :class:`~echfront.front.engine.DeadlineClock`.
+engine's :class:`~echfront.front.deadlines.DeadlineClock`.
 
 :class:`LeanServerEndpoint` makes a ``tcp:``/``tcp6:`` server endpoint
 listen this way (:func:`lean_endpoint` wraps one made by
