@@ -73,6 +73,7 @@ import importlib.metadata
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -585,12 +586,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--client"] and len(argv) == 2:
         print(json.dumps(client_child(json.loads(argv[1]))))
         return 0
     args = parse(argv)
+    # SIGTERM (a bounded caller giving up) unwinds like Ctrl-C, so the
+    # deployment's context managers stop the front and backends by PID.
+    signal.signal(signal.SIGTERM, _terminated)
     from tests.boringssl import curl_available  # noqa: PLC0415 - loads no curl here
 
     reason = curl_available(args.impersonate or None)

@@ -21,6 +21,7 @@ import pytest
 
 from tests.boringssl import curl_available
 from tests.gotools import find_go, go_binary
+from tests.processes import stop_process
 
 pytestmark = pytest.mark.interop
 
@@ -46,19 +47,25 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     if find_go() is not None:
         go_binary()  # the tcp way's backend, built outside the bounded run
     out = tmp_path_factory.mktemp("quicbench")
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
     )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the script stop the front and backends it started.
+        stop_process(proc, 15)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"quicbench --quick took over {RUN_TIMEOUT} s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr[-4000:]}"
     (path,) = out.glob("quicbench-*.json")
     report: dict[str, Any] = json.loads(path.read_text())
-    return report, result.stdout
+    return report, stdout
 
 
 def test_every_handshake_accepted_ech(run: tuple[dict[str, Any], str]) -> None:
