@@ -473,3 +473,27 @@ def test_old_echfront_config_names_warn_and_resolve() -> None:
         assert echfront.config.ServiceContext is ServiceContext
     with pytest.raises(AttributeError):
         echfront.config.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("description", "address"),
+    [
+        ("tcp:host=127.0.0.1:port=9443", ("127.0.0.1", 9443)),
+        ("tcp:127.0.0.1:9443", ("127.0.0.1", 9443)),  # Twisted's positional spelling
+        ("tcp:127.0.0.1:port=9443", ("127.0.0.1", 9443)),
+        (r"tcp:\:\:1:9443", ("::1", 9443)),
+        ("tcp:127.0.0.1:9443:timeout=3", ("127.0.0.1", 9443)),
+        ("tcp:127.0.0.1:9443:bindAddress=127.0.0.2", None),  # an option the direct path lacks
+        ("tcp:127.0.0.1:host=127.0.0.1:9443", None),  # the host twice: Twisted decides
+        ("tcp:127.0.0.1", None),
+        ("tcp:127.0.0.1:https", None),
+        ("tls:127.0.0.1:9443", None),
+        ("unix:/run/backend.sock", None),
+    ],
+)
+def test_plain_tcp_backends_take_the_direct_path(
+    description: str, address: tuple[str, int] | None
+) -> None:
+    from echfront.config.endpoints import tcp_client_address  # noqa: PLC0415
+
+    assert tcp_client_address(description) == address

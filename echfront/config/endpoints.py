@@ -62,14 +62,23 @@ def split_endpoint_description(description: str) -> list[str]:
 
 
 def tcp_client_address(description: str) -> tuple[str, int] | None:
-    """(host, port) of a plain ``tcp:host=H:port=P`` client endpoint string, else None.
+    """(host, port) of a plain ``tcp:`` client endpoint string, else None.
 
-    Strings with other options (``bindAddress``) keep the generic endpoint.
+    Both of Twisted's spellings count: ``tcp:host=H:port=P`` and the
+    positional ``tcp:H:P``.  Strings with other options (``bindAddress``)
+    keep the generic endpoint.
     """
     kind, *rest = split_endpoint_description(description)
     if kind != "tcp":
         return None
-    options = dict(item.partition("=")[::2] for item in rest)
+    positional = [item for item in rest if "=" not in item]
+    options = dict(item.partition("=")[::2] for item in rest if "=" in item)
+    if len(positional) > 2:
+        return None
+    for name, value in zip(("host", "port"), positional, strict=False):
+        if name in options:
+            return None  # given twice: let Twisted's parser say so
+        options[name] = value
     options.pop("timeout", None)  # the backend's connect_timeout applies
     host, port = options.pop("host", ""), options.pop("port", "")
     if options or not host or not port.isdigit():
