@@ -15,9 +15,9 @@ Run one for real from the repository root (see docs/conformance.rst)::
 ``tests/test_fuzz_targets.py`` runs every module named in :data:`TARGETS` in CI,
 bounded: the seeds and fixed mutations in process, then a short atheris run.
 
-The QUIC Initial parser gets its own target here (``initial.py``, added by the
-QUIC wing's owner): write it like ``clienthello.py`` and add its name below.
+``initial.py`` does the same for client datagrams into the QUIC wing
+(admission, then an Initial flow through the ECH decision).
 """
 
 #: Target modules in this package; tests/test_fuzz_targets.py runs each one.
-TARGETS: tuple[str, ...] = ("clienthello",)
+TARGETS: tuple[str, ...] = ("clienthello", "initial")
