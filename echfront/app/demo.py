@@ -66,7 +66,8 @@ def demo_config(state_dir: Path, port: int = DEMO_PORT) -> tuple[Config, list[st
         f"  private name {PRIVATE_NAME} is served only with ECH",
         f"  CA certificate: {ca.cert_path}",
         f"  ECHConfigList: {config_list}",
-        "  try (curl built with ECH support, e.g. curl >= 8.8 with OpenSSL 4 or BoringSSL):",
+        "  see ECH work in a browser (Debian's chromium):  echfront try",
+        "  or (curl built with ECH support, e.g. curl >= 8.8 with OpenSSL 4 or BoringSSL):",
         f"    curl --cacert {ca.cert_path} --ech ecl:{config_list} https://{PRIVATE_NAME}:{port}/",
         f"  without ECH:  curl --cacert {ca.cert_path} https://{PUBLIC_NAME}:{port}/",
     ]
