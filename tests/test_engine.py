@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import socket
 import struct
+import tempfile
 from typing import Any
 
 import pytest
@@ -64,6 +66,14 @@ QUIET = 0.01
 RESET_LINGER = struct.pack("ii", 1, 0)
 #: Rounds with nothing moving before the harness calls it settled.
 QUIET_ROUNDS = 3
+
+
+def socket_path(test: SynchronousTestCase) -> str:
+    """A UNIX socket path in a fresh temporary directory (not trial's mktemp,
+    which writes below the working directory), removed after the test."""
+    directory = tempfile.mkdtemp(prefix="echfront-engine-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, "sock")
 
 
 def _nonblocking(sock: socket.socket) -> socket.socket:
@@ -662,7 +672,7 @@ class HandOverTests(TestCase):
         return poll_until(drive).addCallback(check)
 
     def test_unix_backend_goes_to_a_twisted_relay(self) -> Deferred[None]:
-        path = self.mktemp()
+        path = socket_path(self)
         received: list[bytes] = []
         listener = serverFromString(global_reactor, f"unix:{path}")
         backends = Factory.forProtocol(EchoServer)
@@ -722,7 +732,7 @@ class EndpointTests(SynchronousTestCase):
         lean = lean_endpoint(reactor, serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
         self.assertIsInstance(lean, LeanServerEndpoint)
         self.assertEqual((lean.interface, lean.port), ("127.0.0.1", 0))
-        unix = serverFromString(reactor, f"unix:{self.mktemp()}")
+        unix = serverFromString(reactor, f"unix:{socket_path(self)}")
         self.assertIs(lean_endpoint(reactor, unix), unix)
         other = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         other._port = "not a port"
