@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import ipaddress
 import os
 import select
@@ -56,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echfront.front.deadlines import DeadlineClock
+from echfront.front.splice import Pipe
 from echfront.targets import Backend
 
 if TYPE_CHECKING:
@@ -99,11 +99,8 @@ _READS_AND_WRITES = (_READS | select.EPOLLOUT) if AVAILABLE else 0
 RECV_SIZE = 65536
 #: Events taken from the epoll instance per wake-up.
 _MAX_EVENTS = 512
-#: Pipe capacity to ask for (unprivileged processes may go up to 1 MiB).
-_PIPE_SIZE = 1024 * 1024
 #: Empty pipes kept for the next bulk connection (two descriptors each).
 _POOLED_PIPES = 32
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: Interrupt moderation (as in :mod:`echfront.front.splice`): after a wake-up
 #: that spliced at least _BULK_BYTES, the engine waits _MODERATION seconds
 #: before the next, so the next one finds a bigger chunk waiting.
@@ -122,26 +119,6 @@ class EventTarget(Protocol):
 
 
 _log = Logger(namespace="echfront.engine")
-
-
-class Pipe:
-    """A non-blocking pipe for splice(2), enlarged when the system allows."""
-
-    __slots__ = ("capacity", "read_fd", "write_fd")
-
-    def __init__(self) -> None:
-        """Open the pipe."""
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            self.capacity: int = fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-        except OSError:
-            self.capacity = 65536  # the default pipe size
-
-    def close(self) -> None:
-        """Close both ends."""
-        for fd in (self.read_fd, self.write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 @implementer(IReadDescriptor)

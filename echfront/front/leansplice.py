@@ -26,7 +26,7 @@ from echfront.front.engine import AVAILABLE, EVENTS_IN, EVENTS_OUT, RETRY, LeanE
 
 if TYPE_CHECKING:
     from echfront.front.connection import ConnectionRecord
-    from echfront.front.engine import Pipe
+    from echfront.front.splice import Pipe
 
 __all__ = ["SpliceLink"]
 

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AVAILABLE",
+    "Pipe",
     "SpliceEngine",
     "SpliceSession",
     "engine_for",
@@ -99,10 +100,16 @@ def write_buffer_empty(transport: Any) -> bool:
     return pending == 0 and offset >= len(data) and not getattr(transport, "disconnecting", True)
 
 
-class _Pipe:
-    """A non-blocking pipe, enlarged when the system allows."""
+class Pipe:
+    """A non-blocking pipe for splice(2), enlarged when the system allows.
+
+    Both zero-copy paths use it: the sessions here and the lean engine's.
+    """
+
+    __slots__ = ("capacity", "read_fd", "write_fd")
 
     def __init__(self) -> None:
+        """Open the pipe."""
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self.capacity: int = fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
@@ -110,6 +117,7 @@ class _Pipe:
             self.capacity = 65536  # the default pipe size
 
     def close(self) -> None:
+        """Close both ends."""
         for fd in (self.read_fd, self.write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -131,7 +139,7 @@ class _Pump:
         self.source = source
         self.sink = sink
         self.count = count
-        self.pipe: _Pipe | None = None
+        self.pipe: Pipe | None = None
         self.pending = 0
         self.ended = False
 
@@ -272,7 +280,7 @@ class SpliceEngine:
         self.epoll = select.epoll()
         self._ends: dict[int, _End] = {}
         self._masks: dict[int, int] = {}
-        self._pipes: list[_Pipe] = []
+        self._pipes: list[Pipe] = []
         #: Bytes moved in the current wake-up (see _BULK_BYTES).
         self.moved = 0
         self._watched = False
@@ -280,11 +288,11 @@ class SpliceEngine:
         #: How many times bulk traffic paused the engine (tests read it).
         self.moderations = 0
 
-    def take_pipe(self) -> _Pipe:
+    def take_pipe(self) -> Pipe:
         """An empty pipe: from the pool, or a new one."""
-        return self._pipes.pop() if self._pipes else _Pipe()
+        return self._pipes.pop() if self._pipes else Pipe()
 
-    def give_pipe(self, pipe: _Pipe) -> None:
+    def give_pipe(self, pipe: Pipe) -> None:
         """Take back an empty pipe; keep a few for the next burst."""
         if len(self._pipes) < _POOLED_PIPES:
             self._pipes.append(pipe)
