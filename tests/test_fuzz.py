@@ -46,6 +46,7 @@ from echfront.tls.hello import (
     handshake_message,
 )
 from echfront.tls.records import HandshakeFlight, HandshakeReader, frame_records
+from tests.katouter import seal_into_outer
 
 _KAT: dict[str, Any] = json.loads(
     (Path(__file__).parent / "vectors" / "ech-kat-go-client.json").read_text()
@@ -391,34 +392,6 @@ def test_reader_then_decoder(data: bytes, points: list[int]) -> None:
 @given(st.sampled_from(DECODERS), st.binary(max_size=1500))
 def test_decoder_arbitrary_message(decoder: ECHDecoder, body: bytes) -> None:
     only(AlertError, lambda: decoder.decode(flight_of(handshake_message(1, body))))
-
-
-def outer_with_payload(enc: bytes, payload_len: int) -> tuple[bytes, int]:
-    """A ClientHelloOuter like the KAT's with a zeroed payload; and the payload offset."""
-    ech = (
-        b"\x00\x00\x01\x00\x01"
-        + bytes((KAT_CONFIG.config_id,))
-        + len(enc).to_bytes(2, "big")
-        + enc
-        + payload_len.to_bytes(2, "big")
-        + bytes(payload_len)
-    )
-    body = encode_client_hello_body(
-        random=KAT_OUTER.random,
-        session_id=KAT_OUTER.session_id,
-        cipher_suites=KAT_OUTER.cipher_suites,
-        extensions=[(e.type, ech if e.type == EXT_ECH else e.data) for e in KAT_OUTER.extensions],
-    )
-    extension = ClientHello.parse(body).get(EXT_ECH)
-    assert extension is not None
-    return body, extension.offset + 8 + len(enc) + 2
-
-
-def seal_into_outer(context: Any, enc: bytes, encoded: bytes) -> bytes:
-    """Seal ``encoded`` with ``context`` into a fresh outer body (AAD computed as §5.2)."""
-    body, at = outer_with_payload(enc, len(encoded) + 16)
-    ciphertext = bytes(context.seal(encoded, aad=body))
-    return body[:at] + ciphertext + body[at + len(ciphertext) :]
 
 
 def sender() -> tuple[bytes, Any]:

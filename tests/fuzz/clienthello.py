@@ -57,6 +57,7 @@ with instrumented():
         HandshakeReader,
         frame_records,
     )
+    from tests.katouter import seal_into_outer
 
 __all__ = ["seeds", "test_one_input"]
 
@@ -109,35 +110,6 @@ SECOND_PASS_TYPES = frozenset((CONTENT_CHANGE_CIPHER_SPEC, CONTENT_APPLICATION_D
 FORWARD_LIMIT = 3 * FIRST_FLIGHT_LIMIT
 
 MODE_STREAM, MODE_BODY, MODE_INNER, MODE_SECOND = range(4)
-
-
-def _outer_with(enc: bytes, encoded_length: int) -> tuple[bytes, int]:
-    """The KAT ClientHelloOuter, its payload zeroed for ``encoded_length`` bytes; payload offset."""
-    payload_length = encoded_length + 16
-    ech = (
-        b"\x00\x00\x01\x00\x01"
-        + bytes((KAT_CONFIG.config_id,))
-        + len(enc).to_bytes(2, "big")
-        + enc
-        + payload_length.to_bytes(2, "big")
-        + bytes(payload_length)
-    )
-    body = encode_client_hello_body(
-        random=KAT_OUTER.random,
-        session_id=KAT_OUTER.session_id,
-        cipher_suites=KAT_OUTER.cipher_suites,
-        extensions=[(e.type, ech if e.type == EXT_ECH else e.data) for e in KAT_OUTER.extensions],
-    )
-    extension = ClientHello.parse(body).get(EXT_ECH)
-    assert extension is not None
-    return body, extension.offset + 8 + len(enc) + 2
-
-
-def _seal(context: Any, enc: bytes, encoded: bytes) -> bytes:
-    """Seal ``encoded`` into a fresh outer body; the AAD is that body, payload zeroed (§5.2)."""
-    body, at = _outer_with(enc, len(encoded))
-    ciphertext = bytes(context.seal(encoded, aad=body))
-    return body[:at] + ciphertext + body[at + len(ciphertext) :]
 
 
 def _sender() -> tuple[bytes, Any]:
@@ -204,7 +176,7 @@ def test_one_input(data: bytes) -> None:
                 _check_info(DECODERS[0].decode(flight), flight)
         elif mode == MODE_INNER:
             enc, context = _sender()
-            flight = _read(_records(_seal(context, enc, data[1:])), 2**14 + 5)
+            flight = _read(_records(seal_into_outer(context, enc, data[1:])), 2**14 + 5)
             assert flight is not None
             info = DECODERS[0].decode(flight)
             # The payload opened: an alert or acceptance, never the rejection path.
@@ -219,11 +191,11 @@ def test_one_input(data: bytes) -> None:
 def _second_hello(knob: int, rest: bytes) -> None:
     """Mode 3: an accepted first hello, then ``rest`` as (or inside) the second one."""
     enc, context = _sender()
-    first = _read(_records(_seal(context, enc, KAT_ENCODED_INNER)), 2**14 + 5)
+    first = _read(_records(seal_into_outer(context, enc, KAT_ENCODED_INNER)), 2**14 + 5)
     assert first is not None
     info = DECODERS[0].decode(first)
     assert info.status is ECHStatus.ACCEPTED and info.second_hello is not None
-    stream = _records(_seal(context, b"", rest), 0x0303) if knob & 1 else rest
+    stream = _records(seal_into_outer(context, b"", rest), 0x0303) if knob & 1 else rest
     flight = _read(stream, knob // 2 % 97 + 1, SECOND_PASS_TYPES)
     if flight is not None:
         second = info.second_hello.decode(flight)
@@ -235,8 +207,8 @@ def _second_hello(knob: int, rest: bytes) -> None:
 def seeds() -> list[bytes]:
     """A starting corpus: the KAT as records, as a body, as an inner; a second hello."""
     enc, context = _sender()
-    _seal(context, enc, KAT_ENCODED_INNER)
-    second_body = _seal(context, b"", KAT_ENCODED_INNER)
+    seal_into_outer(context, enc, KAT_ENCODED_INNER)
+    second_body = seal_into_outer(context, b"", KAT_ENCODED_INNER)
     plain = encode_client_hello_body(
         random=bytes(32),
         session_id=bytes(32),
