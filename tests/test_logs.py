@@ -384,3 +384,24 @@ def test_nothing_logged_about_an_accepted_connection_shows_the_key() -> None:
     for text in texts:
         for secret in _secrets(KEY):
             assert secret not in text
+
+
+def test_worker_field_is_the_forked_childs_pid() -> None:
+    """The cached pid of the ``worker`` field follows a fork (--workers children)."""
+    from echfront.front.connection import ConnectionRecord, connection_event_fields  # noqa: PLC0415
+
+    assert (
+        connection_event_fields(ConnectionRecord(0.0), 1.0, log_server_names=False)["worker"]
+        == os.getpid()
+    )
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        fields = connection_event_fields(ConnectionRecord(0.0), 1.0, log_server_names=False)
+        os.write(write_end, str(fields["worker"] == os.getpid()).encode())
+        os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 16)
+    os.close(read_end)
+    os.waitpid(child, 0)
+    assert answer == b"True"

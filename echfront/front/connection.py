@@ -194,6 +194,19 @@ CONNECTION_FIELDS = (
 )
 
 
+#: This process's id for the ``worker`` field, read once rather than with a
+#: system call per connection, and read again in a forked child.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid  # noqa: PLW0603 - the one cached value, reset by fork
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def connection_event_fields(
     record: ConnectionRecord, now: float, *, log_server_names: bool
 ) -> dict[str, Any]:
@@ -217,7 +230,7 @@ def connection_event_fields(
         "duration": round(now - record.started, 6),
         "close_reason": record.close_reason,
         "zero_copy": record.zero_copy,
-        "worker": os.getpid(),
+        "worker": _pid,
     }
     if info is not None and (log_server_names or info.status is not ECHStatus.ACCEPTED):
         fields["server_name"] = info.server_name
