@@ -67,7 +67,7 @@ class StreamTransport(Protocol):
     def unregisterProducer(self) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnectionRecord:
     """Facts about one connection, filled in as it progresses (for logs, metrics).
 

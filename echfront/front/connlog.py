@@ -39,6 +39,10 @@ __all__ = ["ConnectionLog", "emit_connection"]
 #: The logger whose namespace and observer connection events use.
 _log = Logger(namespace="echfront.connection")
 _FORMAT = "connection {text}"
+#: The event's text: every field as name=value, in CONNECTION_FIELDS order,
+#: rendered by one str.format_map call (the optional server name last).
+_TEXT = " ".join(f"{name}={{{name}}}" for name in CONNECTION_FIELDS if name != "server_name")
+_SERVER_NAME = " server_name={server_name}"
 
 
 def emit_connection(
@@ -57,7 +61,9 @@ def emit_connection(
     fields = connection_event_fields(record, now, log_server_names=log_server_names)
     # Rendered here once: a format string with a dozen fields would be parsed
     # again by every text observer, for every connection.
-    text = " ".join([f"{name}={fields[name]}" for name in CONNECTION_FIELDS if name in fields])
+    text = _TEXT.format_map(fields)
+    if "server_name" in fields:
+        text += _SERVER_NAME.format_map(fields)
     event: dict[str, Any] = fields
     event.update(
         text=text,

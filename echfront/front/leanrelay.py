@@ -211,12 +211,14 @@ class LeanRelay:
             return
         self.sock = sock
         self.fd = sock.fileno()
-        self._deadline = engine.clock.callLater(
-            self.backend.connect_timeout, self._connect_timed_out
-        )
-        # Often up already (a near backend): then reads are all to watch for.
+        # Often up already (a near backend): then reads are all to watch for,
+        # and the connect needs no deadline.
         connected = self._try_first_write()
         if self.sock is not None:
+            if not connected:
+                self._deadline = engine.clock.callLater(
+                    self.backend.connect_timeout, self._connect_timed_out
+                )
             # (A first write that had to wait asked for writability already.)
             writes = self._watching_writes or not connected
             engine.register(self.fd, self, writes=writes)
@@ -508,6 +510,8 @@ class LeanRelay:
             held = self._watch.client_eof()
             if held:
                 self._send(held)
+        if self._backend_eof:
+            return  # both ends are done: closing the backend sends its FIN
         self._shut_backend = max(self._shut_backend, 1)
         if not self._out:
             self._shutdown_backend()
@@ -528,7 +532,10 @@ class LeanRelay:
             self._backend_failed("backend closed before answering")
             return
         self._backend_eof = True
-        self.transport.loseWriteConnection()
+        if not self._client_eof:
+            self.transport.loseWriteConnection()
+        # Else both directions have ended: the close that follows sends the
+        # client its FIN after what is queued, without a shutdown first.
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

@@ -69,12 +69,31 @@ __all__ = ["LeanTransport"]
 
 _log = Logger(namespace="echfront.engine")
 
+
+class _Reason(Failure):
+    """A ``connectionLost`` reason built once, whose message is rendered once.
+
+    Every connection that ends the same way gets the same object, and the
+    front reads its message for every connection's log line: rendering it
+    (``str`` of a Twisted error) each time cost more than the rest of the
+    close.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)  # type: ignore[no-untyped-call]
+        self._message = super().getErrorMessage()
+
+    def getErrorMessage(self) -> str:
+        """The error's message, as :class:`~twisted.python.failure.Failure` renders it."""
+        return self._message
+
+
 #: The reasons ``connectionLost`` gets, as Twisted's TCP transport gives them.
 #: Built once: a Failure records nothing per connection, and every
 #: connection of a kind gets the same message.
-_DONE = Failure(ConnectionDone("Connection done"))
-_LOST = Failure(ConnectionLost("Connection lost"))
-_ABORTED = Failure(ConnectionAborted())
+_DONE = _Reason(ConnectionDone("Connection done"))
+_LOST = _Reason(ConnectionLost("Connection lost"))
+_ABORTED = _Reason(ConnectionAborted())
 _LINGER_RESET = struct.pack("ii", 1, 0)
 #: What a closed transport's protocol is: nothing reaches it any more.
 _GONE = TwistedProtocol()

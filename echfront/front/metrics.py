@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from twisted.web.server import Request
 
     from echfront.ech.keyset import KeySet
+    from echfront.errors import AlertDescription
     from echfront.front.connection import ConnectionRecord
 
 __all__ = ["TRANSPORTS", "FleetMetrics", "Metrics", "MetricsResource", "key_publications_counter"]
@@ -203,6 +204,12 @@ class Metrics:
             registry=r,
         )
         self.key_publications = key_publications_counter(r)
+        #: The series a closed connection counts in, by its facts (see closed()).
+        self._closed_series: dict[
+            tuple[str, str, AlertDescription | None, str, int | None],
+            tuple[Counter, Counter | None],
+        ] = {}
+        self._relayed_series: dict[str, tuple[Counter, Counter]] = {}
         self._key_labels: set[tuple[str, str, str, str]] = set()
         self.key_info = Gauge(
             "echfront_ech_key_info",
@@ -243,19 +250,45 @@ class Metrics:
         self._key_labels = current
 
     def closed(self, record: ConnectionRecord, *, transport: str = "tcp") -> None:
-        """Count a finished connection (or QUIC flow, ``transport="quic"``)."""
+        """Count a finished connection (or QUIC flow, ``transport="quic"``).
+
+        Every connection lands in a few series of a small, fixed set (the
+        outcomes, alerts, configured routes and key ids), so each series is
+        looked up by the connection's facts once and kept.
+        """
         info = record.hello
         ech = record.ech
-        alert = "none" if record.alert is None else alert_name(record.alert)
-        self._connections.child(transport, ech, alert, record.route or "none").inc()
-        if info is not None and info.config_id is not None:
-            self._ech_configs.child(transport, str(info.config_id), ech).inc()
+        config_id = None if info is None else info.config_id
+        key = (transport, ech, record.alert, record.route, config_id)
+        series = self._closed_series.get(key)
+        if series is None:
+            series = self._closed_series[key] = self._series_for(key)
+        connections, ech_config = series
+        connections.inc()
+        if ech_config is not None:
+            ech_config.inc()
         if record.bytes_from_client or record.bytes_to_client:
-            relayed = self._relayed_bytes
-            relayed.child(transport, "client_to_backend").inc(record.bytes_from_client)
-            relayed.child(transport, "backend_to_client").inc(record.bytes_to_client)
+            relayed = self._relayed_series.get(transport)
+            if relayed is None:
+                relayed = self._relayed_series[transport] = (
+                    self._relayed_bytes.child(transport, "client_to_backend"),
+                    self._relayed_bytes.child(transport, "backend_to_client"),
+                )
+            from_client, to_client = relayed
+            from_client.inc(record.bytes_from_client)
+            to_client.inc(record.bytes_to_client)
         if record.limit:
             self.limit(record.limit, transport=transport)
+
+    def _series_for(
+        self, key: tuple[str, str, AlertDescription | None, str, int | None]
+    ) -> tuple[Counter, Counter | None]:
+        transport, ech, alert, route, config_id = key
+        alert_label = "none" if alert is None else alert_name(alert)
+        connections = self._connections.child(transport, ech, alert_label, route or "none")
+        if config_id is None:
+            return connections, None
+        return connections, self._ech_configs.child(transport, str(config_id), ech)
 
     def limit(self, name: str, *, transport: str = "tcp") -> None:
         """Count a connection (or flow) refused or closed by the limit ``name``."""

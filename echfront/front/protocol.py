@@ -107,6 +107,8 @@ class FrontProtocol(Protocol):
             HANDSHAKE_CLIENT_HELLO, max_bytes=state.settings.max_first_flight
         )
         self._timer: IDelayedCall | None = None
+        #: What the running deadline is for (logged if it fires).
+        self._timer_reason = ""
         self._held: list[bytes] = []
         #: Bytes held in all, taken or not: the bound is on the total.
         self._held_bytes = 0
@@ -221,6 +223,8 @@ class FrontProtocol(Protocol):
 
     def _take_held(self) -> bytes:
         """Return and forget bytes received since the ClientHello completed."""
+        if not self._held:
+            return b""
         held = b"".join(self._held)
         self._held.clear()
         return held
@@ -339,16 +343,23 @@ class FrontProtocol(Protocol):
     # -- timers ---------------------------------------------------------------
 
     def _start_timer(self, seconds: float, reason: str) -> None:
-        self._cancel_timer()
-        self._timer = self.reactor.callLater(seconds, self._timed_out, reason)
+        self._timer_reason = reason
+        timer = self._timer
+        if timer is not None and timer.active():
+            # The next phase's deadline: move the running one (cheaper than
+            # cancelling it and queueing another).
+            timer.reset(seconds)
+        else:
+            self._timer = self.reactor.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, reason: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
+        reason = self._timer_reason
         if self.handed_off and not self._closing:
             return  # the handshake finished just in time
         self.abort(reason, limit=reason.replace(" ", "_"))
