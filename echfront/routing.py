@@ -6,6 +6,11 @@ The targets it routes to are in :mod:`echfront.targets`.
 then the most specific ``*.`` wildcard, which like a certificate wildcard
 stands for exactly one label), then the ALPN list, and applies
 ``require_ech`` so that a private name is never served in the clear.
+
+The lookup costs the same for a name the table routes as for one it does
+not (RFC 9849 §10.6, checklist DEC-8): the rules are indexed once into
+answers per pattern and ALPN protocol, and every lookup makes the same
+probes and the same calls; only the answer differs.
 """
 
 from __future__ import annotations
@@ -73,10 +78,28 @@ class Rule:
         return self.alpn is None or any(proto in self.alpn for proto in offered)
 
 
+#: A pattern's precomputed answers: the rank of the first rule that matches
+#: each ALPN protocol its rules name, and the rank of its first rule without
+#: an ALPN condition (the table's "no rule" rank when it has none).
+_Entry = tuple[dict[bytes, int], int]
+
+
+def _satisfies(rule: Rule, protocol: bytes) -> bool:
+    """Whether a client offering ``protocol`` satisfies the rule's ALPN condition."""
+    return rule.alpn is None or protocol in rule.alpn
+
+
 @implementer(IRouter)
 @dataclass(frozen=True)
 class StaticRouter:
     """Routes by a fixed table (see the module docstring for the rules).
+
+    The lookup does the same work for a routed name as for an unrouted one
+    (RFC 9849 §10.6, checklist DEC-8): it always probes the exact name and
+    its one-label wildcard, reads each probe's precomputed answer for every
+    ALPN protocol the client offered, and picks the winner by arithmetic,
+    so a name without rules costs exactly the calls a routed name costs
+    (``tests/test_timing_uniform.py`` counts them).
 
     :ivar rules: the table; for one pattern, earlier rules win, so list
         ALPN-specific rules before the catch-all for that name.
@@ -92,14 +115,33 @@ class StaticRouter:
     default: _targets.Route = UNRECOGNIZED
     rejected: _targets.Route | None = None
     public_names: frozenset[str] = frozenset()
-    _by_pattern: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
+    _entries: dict[str, _Entry] = field(init=False, repr=False, compare=False)
+    #: Indexed by rank: the rules as exact matches, again as wildcard
+    #: matches (rank + len(rules)), then None for "no rule".
+    _ranked: tuple[Rule | None, ...] = field(init=False, repr=False, compare=False)
+    #: The answer of a pattern without rules: the same shape as a real one.
+    _missing: _Entry = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        """Index the rules by pattern."""
-        by_pattern: dict[str, list[Rule]] = {}
-        for rule in self.rules:
-            by_pattern.setdefault(rule.pattern, []).append(rule)
-        object.__setattr__(self, "_by_pattern", {k: tuple(v) for k, v in by_pattern.items()})
+        """Index the rules by pattern, with each pattern's answer per ALPN protocol."""
+        miss = len(self.rules)
+        positions: dict[str, list[int]] = {}
+        for position, rule in enumerate(self.rules):
+            positions.setdefault(rule.pattern, []).append(position)
+        entries: dict[str, _Entry] = {}
+        for pattern, ranks in positions.items():
+            catch_all = min((r for r in ranks if self.rules[r].alpn is None), default=miss)
+            protocols = {p for r in ranks for p in self.rules[r].alpn or ()}
+            # A protocol's answer is the first rule it satisfies: one naming
+            # it, or an earlier rule without an ALPN condition.
+            by_protocol = {
+                protocol: min(r for r in ranks if _satisfies(self.rules[r], protocol))
+                for protocol in protocols
+            }
+            entries[pattern] = (by_protocol, catch_all)
+        object.__setattr__(self, "_entries", entries)
+        object.__setattr__(self, "_ranked", (*self.rules, *self.rules, None))
+        object.__setattr__(self, "_missing", ({}, miss))
 
     @classmethod
     def from_rules(
@@ -111,23 +153,36 @@ class StaticRouter:
     def find(self, server_name: str | None, alpn: Sequence[bytes]) -> Rule | None:
         """Return the rule for a name and ALPN list, or None.
 
-        The lookup does the same dictionary probes whether a name is routed
-        or not, so its timing says little about the inner name (DEC-8).
+        Exact names win over the wildcard, which stands for one label. The
+        work is the same whether the name is routed or not (DEC-8): both
+        probes are made, and a missing pattern answers with an entry of the
+        same shape as a real one.
         """
-        if not server_name:
-            return None
-        candidates = [server_name]
-        dot = server_name.find(".")
-        if dot > 0:
-            candidates.append("*" + server_name[dot:])
-        for pattern in candidates:
-            for rule in self._by_pattern.get(pattern, ()):
-                if rule.matches_alpn(alpn):
-                    return rule
-        return None
+        name = server_name or ""
+        dot = name.find(".")
+        # "" is never a pattern (validate_pattern refuses it), so a name
+        # without a label before a dot probes for nothing, at the same cost.
+        wildcard = "*" + name[dot:] if dot > 0 else ""
+        entries, missing = self._entries, self._missing
+        exact_by_protocol, exact = entries.get(name, missing)
+        wild_by_protocol, wild = entries.get(wildcard, missing)
+        # Each pattern's first rule the client's ALPN list satisfies: one
+        # probe per offered protocol and pattern, whatever the entries hold.
+        for protocol in alpn:
+            found = exact_by_protocol.get(protocol, exact)
+            exact = found if found < exact else exact
+            found = wild_by_protocol.get(protocol, wild)
+            wild = found if found < wild else wild
+        # Any exact rule (a rank below len(rules)) beats the wildcard.
+        count = len(self.rules)
+        return self._ranked[exact if exact < count else wild + count]
 
     def route(self, hello: ClientHelloInfo, peer: IAddress) -> _targets.Route:
-        """Route by the effective server name and ALPN (IRouter)."""
+        """Route by the effective server name and ALPN (IRouter).
+
+        From the lookup to the answer, a routed and an unrouted name take
+        the same steps; only the answer differs (DEC-8).
+        """
         if (
             self.rejected is not None
             and hello.status is ECHStatus.REJECTED
@@ -137,11 +192,11 @@ class StaticRouter:
             # and retry with the retry_configs this target sends.
             return self.rejected
         rule = self.find(hello.server_name, hello.alpn)
-        if rule is None:
-            return self.default
-        if rule.require_ech and hello.status is not ECHStatus.ACCEPTED:
-            return ECH_REQUIRED_REFUSAL
-        return rule.target
+        refused = hello.status is not ECHStatus.ACCEPTED
+        target, require_ech = (
+            (self.default, False) if rule is None else (rule.target, rule.require_ech)
+        )
+        return ECH_REQUIRED_REFUSAL if refused & require_ech else target
 
     @property
     def targets(self) -> frozenset[_targets.Backend | _targets.Local]:
