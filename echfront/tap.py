@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
 from echfront._moved import moved_names
+from echfront.app import localtls
 from echfront.app import service as app_service
 from echfront.app.demo import default_state_dir, demo_config
 from echfront.app.workers import worker_index
@@ -40,6 +42,8 @@ from echfront.errors import ConfigError
 from echfront.routing import validate_pattern
 
 __all__ = ["Options", "makeService", "options_to_config"]
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -200,7 +204,13 @@ def _worker_argv(options: Options) -> list[str]:
 
 
 def makeService(options: Options, reactor: Any = None) -> Service:
-    """Build the service twistd runs (the reactor may be injected, for tests)."""
+    """Build the service twistd runs (the reactor may be injected, for tests).
+
+    In a real run (no reactor injected) a process that terminates TLS
+    itself first makes sure its records are padded, which may start it
+    again (:func:`echfront.app.localtls.record_padding`).
+    """
+    real = reactor is None
     if reactor is None:
         from twisted.internet import reactor as global_reactor  # noqa: PLC0415 (installed late)
 
@@ -213,9 +223,18 @@ def makeService(options: Options, reactor: Any = None) -> Service:
     try:
         config, lines = options_to_config(options)
         count = options["workers"] or config.workers
+        supervising = count > 1 and worker is None
+        block = localtls.padding_wanted(config) if real else 0
+        if block and not supervising:
+            outcome = localtls.record_padding(block)  # may exec this process
+            level = LogLevel.warn if outcome.warning else LogLevel.info
+            _log.emit(level, "{message}", message=outcome.message)
         service: Service
-        if count > 1 and worker is None:
-            service = app_service.supervisor_service(load, _worker_argv(options), count, reactor)
+        if supervising:
+            argv = _worker_argv(options)
+            # Workers terminate the TLS; each starts with padding in place.
+            argv = localtls.worker_argv(argv, block) if block else argv
+            service = app_service.supervisor_service(load, argv, count, reactor)
         else:
             # One rotation schedule per deployment: here, never in workers.
             service = app_service.FrontService(load, reactor, worker=worker, rotate=worker is None)
@@ -224,6 +243,9 @@ def makeService(options: Options, reactor: Any = None) -> Service:
         sys.stderr.write(f"echfront: error: {error}\n")
         raise SystemExit(1) from None
     if worker is None:
+        warning = localtls.retry_configs_warning(config)
+        if warning is not None:
+            _log.warn("{warning}", warning=warning)
         for line in lines:
             print(line)
     return service

@@ -228,6 +228,10 @@ class Config:
     #: ``[front] engine``: what serves plain ``tcp:`` listeners (one of
     #: :data:`ENGINES`); applied at start, like ``listen``.
     engine: str = "lean"
+    #: ``[front] record_padding``: the TLS the front terminates itself pads
+    #: its records to a multiple of this many bytes (RFC 9849 §6.1.3); 0 is
+    #: off.  Applied at start (echfront.app.localtls).
+    record_padding: int = 512
 
     def routed_names(self) -> tuple[str, ...]:
         """The private names clients may ask for: route patterns, then ``[publish] names``.
@@ -508,6 +512,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     workers = top.get("workers", int, 1)
     if not 1 <= workers <= 256:
         raise ConfigError("workers: must be 1..256")
+    front = _Section(top.table("front"), "front", ("engine", "record_padding"))
     exit_link = _exit_config(top.table("exit"), base) if "exit" in data else None
     if exit_link is not None and workers > 1:
         raise ConfigError("exit: serves in one process; set workers = 1")
@@ -540,7 +545,8 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         publish=publish,
         exit=exit_link,
         fleet=fleet,
-        engine=_engine(_Section(top.table("front"), "front", ("engine",))),
+        engine=_engine(front),
+        record_padding=_record_padding(front),
     )
 
 
@@ -555,6 +561,14 @@ def _engine(section: _Section) -> str:
     if engine not in ENGINES:
         raise ConfigError(f"front.engine: must be one of {', '.join(ENGINES)}, not {engine!r}")
     return engine
+
+
+def _record_padding(section: _Section) -> int:
+    """``[front] record_padding``: 0 (off) or a block size OpenSSL takes (2..16384)."""
+    value: int = section.get("record_padding", int, Config.record_padding)
+    if value != 0 and not 2 <= value <= 16384:
+        raise ConfigError("front.record_padding: must be 0 (off) or 2..16384 bytes")
+    return value
 
 
 def _proxy_section(section: _Section) -> tuple[tuple[str, ...], tuple[_Network, ...]]:
