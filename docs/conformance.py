@@ -241,6 +241,18 @@ runs for minutes by hand; see :ref:`fuzzing` for how, and what it found.
 """
 
 
+def _gaps(count: int, partly: int) -> str:
+    """``no gaps``, ``1 gap (partly proven by tests)``, ``3 gaps (2 partly proven by tests)``."""
+    if not count:
+        return "no gaps"
+    text = f"{count} gap" if count == 1 else f"{count} gaps"
+    if not partly:
+        return text
+    if count == 1:
+        return f"{text} (partly proven by tests)"
+    return f"{text} ({partly} partly proven by tests)"
+
+
 def render(rows: Sequence[Row], mapping: Mapping[str, Mapping[str, Any]], text: str) -> str:
     """The whole docs/conformance.rst page."""
     names = alert_names(text)
@@ -248,12 +260,12 @@ def render(rows: Sequence[Row], mapping: Mapping[str, Mapping[str, Any]], text: 
     for row in rows:
         counts[_status(mapping[row.id])] += 1
     out = [INTRO]
+    gaps = [row.id for row in rows if _status(mapping[row.id]) == "gap"]
+    partly = sum(1 for g in gaps if mapping[g].get("tests"))
     out.append(
         f"{len(rows)} rows: {counts['proven']} proven by tests, "
-        f"{counts['not applicable']} not applicable, {counts['gap']} gaps "
-        "(some of them partly proven)."
+        f"{counts['not applicable']} not applicable, {_gaps(len(gaps), partly)}."
     )
-    gaps = [row.id for row in rows if _status(mapping[row.id]) == "gap"]
     if gaps:
         out.append("")
         out.append("Gaps: " + ", ".join(f"`{g}`_" for g in gaps) + ".")
