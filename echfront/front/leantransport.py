@@ -89,8 +89,6 @@ class _Reason(Failure):
 
 
 #: The reasons ``connectionLost`` gets, as Twisted's TCP transport gives them.
-#: Built once: a Failure records nothing per connection, and every
-#: connection of a kind gets the same message.
 _DONE = _Reason(ConnectionDone("Connection done"))
 _LOST = _Reason(ConnectionLost("Connection lost"))
 _ABORTED = _Reason(ConnectionAborted())
