@@ -3,7 +3,8 @@
 Owns: the running front with its reload, shutdown and key-rotation schedule
 (:mod:`~echfront.app.service`), a front's part in a fleet
 (:mod:`~echfront.app.fleet`), the ``--workers`` supervisor
-(:mod:`~echfront.app.workers`), the demo's keys, CA and configuration
+(:mod:`~echfront.app.workers`), record padding for the TLS the front
+terminates itself (:mod:`~echfront.app.localtls`), the demo's keys, CA and configuration
 (:mod:`~echfront.app.demo`, :mod:`~echfront.app.certs`), and ``echfront try``
 showing the demo in Chromium (:mod:`~echfront.app.trybrowser`,
 :mod:`~echfront.app.chromium`).
