@@ -34,6 +34,8 @@ from echfront.ech.keyset import ECHKey, KeySet
 from echfront.tls.hello import EXT_ECH, ClientHello
 from echfront.tls.records import HandshakeReader
 
+#: Issue 11's bound on the full X25519 decode, in X25519 exchanges (it was 3.5).
+TARGET = 2.5
 VECTORS = Path(__file__).parent / "vectors"
 #: (label, file): an X25519 hello and a post-quantum one.
 HELLOS = (
@@ -173,7 +175,7 @@ def main() -> None:
     full = "full: reassemble + decode, X25519"
     spread = sorted(v / r for v, r in zip(samples[full], reference, strict=True))
     print(
-        f"target: full (X25519) <= 3.5 x X25519; measured {ratios[full]:.2f}x "
+        f"target: full (X25519) <= {TARGET} x X25519; measured {ratios[full]:.2f}x "
         f"(rounds: min {spread[0]:.2f}, max {spread[-1]:.2f})"
     )
     pq, classic = (results[f"HPKE SetupBaseR + Open, {k}"] for k in ("MLKEM768-X25519", "X25519"))

@@ -27,6 +27,7 @@ import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import NamedTuple
 
 from echfront.ech.hpke import HPKEError, RecipientContext
@@ -66,6 +67,8 @@ _ECH_TYPE_OUTER = 0
 _ECH_TYPE_INNER = 1
 #: Offset of enc within ECHClientHello(outer): type, kdf_id, aead_id, config_id, enc length.
 _ENC_OFFSET = 1 + 2 + 2 + 1 + 2
+#: kdf_id, aead_id, config_id and the length of enc, read from offset 1.
+_ECH_FIXED = struct.Struct(">HHBH").unpack_from
 
 
 class ECHStatus(enum.Enum):
@@ -114,8 +117,8 @@ class OuterECH(NamedTuple):
     def aad(self, outer_body: bytes) -> bytes:
         """ClientHelloOuterAAD: the outer body with the payload zeroed (§5.2)."""
         start = self.payload_offset
-        end = start + len(self.payload)
-        return outer_body[:start] + bytes(len(self.payload)) + outer_body[end:]
+        length = len(self.payload)
+        return b"".join((outer_body[:start], bytes(length), outer_body[start + length :]))
 
 
 def parse_outer_ech(
@@ -141,30 +144,48 @@ def _parse_outer_ech(
     """:func:`parse_outer_ech` of extension data found at ``offset`` in its body."""
     if not data:
         raise DecodeError("empty encrypted_client_hello extension")
-    if data[0] == _ECH_TYPE_INNER:
-        raise inner_type_alert("encrypted_client_hello of type inner in a ClientHelloOuter")
-    if data[0] != _ECH_TYPE_OUTER:
-        raise IllegalParameter(f"unknown ECHClientHello type {data[0]}")
-    if len(data) < _ENC_OFFSET:
+    ech_type = data[0]
+    if ech_type != _ECH_TYPE_OUTER:
+        if ech_type == _ECH_TYPE_INNER:
+            raise inner_type_alert("encrypted_client_hello of type inner in a ClientHelloOuter")
+        raise IllegalParameter(f"unknown ECHClientHello type {ech_type}")
+    end = len(data)
+    if end < _ENC_OFFSET:
         raise DecodeError("truncated ECHClientHello")
-    enc_len = (data[6] << 8) | data[7]
+    kdf_id, aead_id, config_id, enc_len = _ECH_FIXED(data, 1)
     payload_len_at = _ENC_OFFSET + enc_len
-    if len(data) < payload_len_at + 2:
+    if end < payload_len_at + 2:
         raise DecodeError("truncated ECHClientHello enc")
     payload_len = (data[payload_len_at] << 8) | data[payload_len_at + 1]
     payload_at = payload_len_at + 2
     if payload_len == 0:
         raise DecodeError("empty ECHClientHello payload")
-    if payload_at + payload_len != len(data):
+    if payload_at + payload_len != end:
         raise DecodeError("ECHClientHello payload length does not match the extension")
     return OuterECH(
-        kdf_id=(data[1] << 8) | data[2],
-        aead_id=(data[3] << 8) | data[4],
-        config_id=data[5],
-        enc=data[_ENC_OFFSET:payload_len_at],
-        payload=data[payload_at:],
-        payload_offset=offset + payload_at,
+        kdf_id,
+        aead_id,
+        config_id,
+        data[_ENC_OFFSET:payload_len_at],  # enc
+        data[payload_at:],  # payload
+        offset + payload_at,  # payload_offset
     )
+
+
+def _hello_ech(
+    hello: ClientHello, inner_type_alert: type[DecodeError | IllegalParameter]
+) -> OuterECH | None:
+    """:func:`parse_outer_ech` of ``hello``'s encrypted_client_hello, or None without one.
+
+    Reads the extension's bytes straight from the hello's index (no
+    :class:`Extension` built): this runs for every hello.
+    """
+    if EXT_ECH not in hello:
+        return None
+    bounds = hello.extension_bounds
+    index = hello.extension_types.index(EXT_ECH)
+    start = bounds[index] + 4
+    return _parse_outer_ech(hello.body[start : bounds[index + 1]], start, inner_type_alert)
 
 
 class RebuiltInner(NamedTuple):
@@ -175,6 +196,9 @@ class RebuiltInner(NamedTuple):
 
 
 _TYPE_AND_LENGTH = struct.Struct(">HH").unpack_from
+_U32 = struct.Struct(">I").pack
+#: A ClientHello's handshake header, less its 24-bit length (RFC 8446 §4).
+_CLIENT_HELLO_HEADER = HANDSHAKE_CLIENT_HELLO << 24
 
 
 def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
@@ -189,10 +213,11 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
     once, so the result is never larger than outer plus payload (SEC-2).
 
     This runs once per ECH connection, so it does the work in as few steps
-    as it can: extensions that lie next to each other in their source (the
-    encoded inner, or the outer hello) are copied as one slice, the body is
-    joined once, and the fixed fields are checked here, as they are read,
-    rather than by parsing the result again.
+    as it can: each extension is copied as one slice (found, for a
+    reference, by one C-level search), the body is joined once, the new
+    extension index is summed from the slices' lengths, and the fixed
+    fields are checked here, as they are read, rather than by parsing the
+    result again.
 
     :returns: the handshake message (4-byte header and body), byte-exact
         what the client hashes (REC-12), and the parsed hello.
@@ -226,22 +251,16 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
         raise IllegalParameter("EncodedClientHelloInner padding is not all zeros")
 
     sid = outer.session_id
-    # Where the extension block will start in the rebuilt body: the outer
-    # session id replaces the empty one.
-    first = offset = ext_block_at + len(sid) + 2
-    outer_types = outer.extension_types
     outer_bounds = outer.extension_bounds
     outer_body = outer.body
-    count = len(outer_types)
-    cursor = 0
+    find = outer.extension_types.index
+    count = len(outer_bounds) - 1
+    cursor = -1
     expanded = False
-    # Slices of the new extension block, and the run being extended: a
-    # source (0: encoded, 1: outer body) and the span taken from it.
-    parts: list[bytes] = []
-    run_source = -1
-    run_start = run_end = 0
+    # The new extension block, extension by extension: types and bytes
+    # (from the encoded inner, or referenced in the outer body).
     types: list[int] = []
-    bounds: list[int] = []
+    pieces: list[bytes] = []
     pos = ext_block_at + 2
     last = ext_end - 4
     while pos < ext_end:
@@ -252,14 +271,8 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
         if data_end > ext_end:
             raise DecodeError("extension overruns EncodedClientHelloInner")
         if ext_type != EXT_ECH_OUTER_EXTENSIONS:
-            if run_source != 0 or run_end != pos:
-                if run_source >= 0:
-                    parts.append((encoded, outer_body)[run_source][run_start:run_end])
-                run_source, run_start = 0, pos
-            run_end = data_end
             types.append(ext_type)
-            bounds.append(offset)
-            offset += data_end - pos
+            pieces.append(encoded[pos:data_end])
             pos = data_end
             continue
         if expanded:
@@ -269,39 +282,38 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
         size = encoded[pos + 4] if length else 0
         if not length or size != length - 1 or size < 2 or size % 2:
             raise DecodeError("bad ech_outer_extensions length")
-        for wanted in _uint16s(size // 2).unpack_from(encoded, pos + 5):
-            # Messages here say what is wrong, never which values the
-            # encrypted hello held (SEC-3).
-            if wanted in (EXT_ECH, EXT_ECH_OUTER_EXTENSIONS):
-                raise IllegalParameter("ech_outer_extensions references an ECH extension")
-            try:
-                cursor = outer_types.index(wanted, cursor, count)
-            except ValueError:
-                raise IllegalParameter(
-                    "an ech_outer_extensions reference is missing, repeated or out of order"
-                ) from None
-            start, stop = outer_bounds[cursor], outer_bounds[cursor + 1]
-            if run_source != 1 or run_end != start:
-                if run_source >= 0:
-                    parts.append((encoded, outer_body)[run_source][run_start:run_end])
-                run_source, run_start = 1, start
-            run_end = stop
-            types.append(wanted)
-            bounds.append(offset)
-            offset += stop - start
-            cursor += 1
+        wanted = _uint16s(size // 2).unpack_from(encoded, pos + 5)
+        # Messages here say what is wrong, never which values the
+        # encrypted hello held (SEC-3).
+        if EXT_ECH in wanted or EXT_ECH_OUTER_EXTENSIONS in wanted:
+            raise IllegalParameter("ech_outer_extensions references an ECH extension")
+        add_piece = pieces.append
+        try:
+            for wanted_type in wanted:
+                # One cursor, moved forwards only (tuple.index from just
+                # after the previous find): each reference must lie after
+                # the previous one, which checks order (REC-7), existence
+                # (REC-4) and single use (REC-5) at once, in time linear in
+                # the outer's extensions (REC-9).
+                cursor = find(wanted_type, cursor + 1, count)
+                add_piece(outer_body[outer_bounds[cursor] : outer_bounds[cursor + 1]])
+        except ValueError:
+            raise IllegalParameter(
+                "an ech_outer_extensions reference is missing, repeated or out of order"
+            ) from None
+        types += wanted
         pos = data_end
-    if run_source >= 0:
-        parts.append((encoded, outer_body)[run_source][run_start:run_end])
-    bounds.append(offset)
+    # Where the extension block starts in the rebuilt body (the outer
+    # session id replaces the empty one), then where each extension starts.
+    bounds = list(accumulate(map(len, pieces), initial=ext_block_at + len(sid) + 2))
     body = b"".join(
         (
             encoded[:34],
             bytes((len(sid),)),
             sid,
             encoded[35:ext_block_at],
-            (offset - first).to_bytes(2, "big"),
-            *parts,
+            (bounds[-1] - bounds[0]).to_bytes(2, "big"),
+            *pieces,
         )
     )
     try:
@@ -319,7 +331,7 @@ def rebuild_inner(outer: ClientHello, encoded: bytes) -> RebuiltInner:
         # Same alert, but a message that repeats nothing from the encrypted
         # hello (SEC-3): the generic parser names extension types.
         raise type(error)("malformed ClientHelloInner") from None
-    message = bytes((HANDSHAKE_CLIENT_HELLO,)) + len(body).to_bytes(3, "big") + body
+    message = _U32(_CLIENT_HELLO_HEADER | len(body)) + body
     return RebuiltInner(message, hello)
 
 
@@ -440,10 +452,9 @@ class SecondHelloDecoder:
         outer = ClientHello.from_message(flight.message)
         if EXT_ECH_OUTER_EXTENSIONS in outer:
             raise IllegalParameter("ech_outer_extensions in a ClientHelloOuter")
-        extension = outer.get(EXT_ECH)
-        if extension is None:
+        ech = _hello_ech(outer, DecodeError)
+        if ech is None:
             raise MissingExtension("second ClientHello lacks encrypted_client_hello")
-        ech = parse_outer_ech(extension, inner_type_alert=DecodeError)
         first = self._first
         if (ech.kdf_id, ech.aead_id, ech.config_id) != (
             first.kdf_id,
@@ -497,10 +508,9 @@ class ECHDecoder:
         outer = ClientHello.from_message(flight.message)
         if EXT_ECH_OUTER_EXTENSIONS in outer:
             raise IllegalParameter("ech_outer_extensions in a ClientHelloOuter")  # PAR-8
-        extension = outer.get(EXT_ECH)
-        if extension is None:
+        ech = _hello_ech(outer, IllegalParameter)
+        if ech is None:
             return self._plain(outer, flight, ECHStatus.NOT_OFFERED, None, None)
-        ech = parse_outer_ech(extension)
         candidates = (
             self.keys.decrypting if self.trial_decryption else (self.keys.candidates(ech.config_id))
         )

@@ -17,6 +17,7 @@ flight may not exceed ``max_bytes``; no input makes them buffer more.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from echfront.errors import DecodeError, IllegalParameter, RecordOverflow, UnexpectedMessage
@@ -44,6 +45,13 @@ _CONTENT_TYPES = frozenset(
 )
 
 HEADER_LENGTH = 5
+#: A record header, read in one call: content type, the version's two
+#: bytes, length.
+_RECORD_HEADER = struct.Struct(">BBBH").unpack_from
+#: A handshake message header: msg_type (the top byte) and its 24-bit length.
+_MESSAGE_HEADER = struct.Struct(">I").unpack_from
+#: Writes a record header: content type, version, length.
+_PACK_HEADER = struct.Struct(">BHH").pack
 #: RFC 8446 §5.1: TLSPlaintext.length MUST NOT exceed 2^14.
 MAX_PLAINTEXT = 2**14
 #: RFC 8446 §5.2: TLSCiphertext.length MUST NOT exceed 2^14 + 256.
@@ -222,7 +230,7 @@ class HandshakeReader:
         pos = 0
         end = len(buffer)
         while end - pos >= HEADER_LENGTH:
-            content_type = buffer[pos]
+            content_type, major, minor, length = _RECORD_HEADER(buffer, pos)
             if content_type != CONTENT_HANDSHAKE:
                 if self._records or content_type not in self._pass_types:
                     kind = "inside" if self._records else "before"
@@ -235,20 +243,66 @@ class HandshakeReader:
                 self._passed.append(buffer[pos:record_end])
                 pos = record_end
                 continue
-            length = _check_header(buffer, pos, MAX_PLAINTEXT)
+            # _check_header, written out: every hello's records pass here.
+            if major != 3:
+                raise DecodeError(f"record version 0x{major:02x}{minor:02x} is not TLS")
+            if length > MAX_PLAINTEXT:
+                raise RecordOverflow(f"record of {length} bytes exceeds {MAX_PLAINTEXT}")
             if length == 0:
                 # RFC 8446 §5.1: zero-length handshake fragments MUST NOT be sent.
                 raise DecodeError("zero-length handshake record")
-            if self._raw_length + HEADER_LENGTH + length > self._max_bytes:
+            raw_length = self._raw_length + HEADER_LENGTH + length
+            if raw_length > self._max_bytes:
                 raise IllegalParameter(f"handshake flight exceeds {self._max_bytes} bytes")
             record_end = pos + HEADER_LENGTH + length
             if record_end > end:
-                break
-            if not self._records:
-                self._record_version = (buffer[pos + 1] << 8) | buffer[pos + 2]
-            self._records.append(buffer[pos:record_end])
+                # An unfinished handshake record whose header passed the
+                # checks above: all that is left to refuse early is the
+                # message type, once its first byte is in (what
+                # _check_partial would check, without checking the header twice).
+                if (
+                    not self._records
+                    and end - pos > HEADER_LENGTH
+                    and buffer[pos + HEADER_LENGTH] != self._message_type
+                ):
+                    raise UnexpectedMessage(
+                        f"handshake message type {buffer[pos + HEADER_LENGTH]}, "
+                        f"expected {self._message_type}"
+                    )
+                self._buffer = buffer[pos:]
+                return None
+            records = self._records
+            if not records:
+                if length >= 4:
+                    # The message's header is in its first record (the only
+                    # record, for almost every hello): read it here.
+                    (word,) = _MESSAGE_HEADER(buffer, pos + HEADER_LENGTH)
+                    if word >> 24 != self._message_type:
+                        raise UnexpectedMessage(
+                            f"handshake message type {word >> 24}, expected {self._message_type}"
+                        )
+                    need = 4 + (word & 0xFFFFFF)
+                    if need > self._max_bytes:
+                        raise IllegalParameter(
+                            f"handshake message of {need} bytes exceeds {self._max_bytes}"
+                        )
+                    if need == length:
+                        # Exactly one record: no reassembly to do.
+                        record = buffer[pos:record_end]
+                        records.append(record)  # for .started
+                        self._raw_length = raw_length  # for .buffered
+                        self._buffer = b""
+                        return HandshakeFlight(
+                            record[HEADER_LENGTH:],
+                            record,
+                            (major << 8) | minor,
+                            buffer[record_end:],
+                        )
+                    self._need = need
+                self._record_version = (major << 8) | minor
+            records.append(buffer[pos:record_end])
             self._fragments.append(buffer[pos + HEADER_LENGTH : record_end])
-            self._raw_length += HEADER_LENGTH + length
+            self._raw_length = raw_length
             self._have += length
             pos = record_end
             if self._need < 0 and self._have >= 4:
@@ -313,11 +367,10 @@ def frame_records(
     ``legacy_record_version`` (checklist FWD-4: Go rejects a second ClientHello
     whose record version changed) and fragments at 2^14 bytes.
     """
-    header = bytes((content_type, record_version >> 8, record_version & 0xFF))
     if len(payload) <= max_fragment:
-        return header + len(payload).to_bytes(2, "big") + payload
+        return _PACK_HEADER(content_type, record_version, len(payload)) + payload
     parts = []
     for start in range(0, len(payload), max_fragment):
         chunk = payload[start : start + max_fragment]
-        parts.append(header + len(chunk).to_bytes(2, "big") + chunk)
+        parts.append(_PACK_HEADER(content_type, record_version, len(chunk)) + chunk)
     return b"".join(parts)
