@@ -109,6 +109,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `tests` importable
     sys.path.insert(0, str(REPO_ROOT))
 
 from frontbench_proc import (  # noqa: E402
+    CLK_TCK,
     Pinning,
     children,
     cpu_seconds,
@@ -169,6 +170,8 @@ FD_MARGIN = 256
 IDLE_CONCURRENCY = 128
 #: Listen backlog of the echfront fronts (Twisted's default is 50).
 BACKLOG = 1024
+#: Every phase, in the order they run (``--phases`` picks a subset).
+PHASES = ("idle", "handshake", "bulk")
 #: Pause with all idle connections open before reading VmRSS.
 IDLE_SETTLE = 1.0
 SERVER_START_TIMEOUT = 10.0
@@ -508,6 +511,8 @@ class Context:
     haproxy: str | None
     haproxy_splice: bool
     local_app: str
+    #: The phases to run, in the usual order (``--phases``).
+    phases: tuple[str, ...] = PHASES
 
 
 @contextlib.contextmanager
@@ -601,6 +606,13 @@ def per(value: float, count: float, scale: float) -> float | None:
     return value / count * scale if count > 0 else None
 
 
+def user_system_ticks(pid: int) -> tuple[int, int]:
+    """utime and stime of a process (fields 14 and 15 of proc(5)), in clock ticks."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]), int(fields[12])
+
+
 def run_client(ctx: Context, target: Target, bound: float, **extra: Any) -> ToolRun:
     """Run ``echtest client`` against the target; ``bound``: seconds for the whole run."""
     options = target.client_options(ctx.pki.ca)
@@ -626,6 +638,7 @@ class Phase:
         self.pids = [*target.front_pids, target.backend_pid]
         self.fds = {pid: fd_count(pid) for pid in self.pids}
         self.before = {pid: read_cpu(pid) for pid in self.pids}
+        self.split_before = {pid: user_system_ticks(pid) for pid in target.front_pids}
         self.front_pids = target.front_pids
         self.backend_pid = target.backend_pid
 
@@ -633,7 +646,10 @@ class Phase:
         """Wait for the phase's connections to close, then read CPU times."""
         settled = wait_fds(self.pids, self.fds)
         after = {pid: read_cpu(pid) for pid in self.pids}
+        split_after = {pid: user_system_ticks(pid) for pid in self.front_pids}
         front = [cpu_seconds(self.before[p], after[p]) for p in self.front_pids]
+        user = sum(split_after[p][0] - self.split_before[p][0] for p in self.front_pids)
+        system = sum(split_after[p][1] - self.split_before[p][1] for p in self.front_pids)
         front_ticks = [tick_seconds(self.before[p], after[p]) for p in self.front_pids]
         b = self.backend_pid
         return {
@@ -641,6 +657,10 @@ class Phase:
             "front_cpu_s": sum(front) if front else None,
             "front_cpu_s_by_process": front,
             "front_cpu_s_ticks": sum(front_ticks) if front else None,
+            # utime and stime of /proc/PID/stat (clock ticks): user space
+            # against the kernel's share.
+            "front_user_s": user / CLK_TCK if front else None,
+            "front_system_s": system / CLK_TCK if front else None,
             "backend_cpu_s": cpu_seconds(self.before[b], after[b]),
         }
 
@@ -702,6 +722,8 @@ def measure_bulk(ctx: Context, target: Target) -> JSON:
         **cpu,
         "client_cpu_s": run.cpu_s,
         "front_cpu_s_per_gb": None if front_cpu is None else per(front_cpu, gb, 1),
+        "front_user_s_per_gb": None if front_cpu is None else per(cpu["front_user_s"], gb, 1),
+        "front_system_s_per_gb": None if front_cpu is None else per(cpu["front_system_s"], gb, 1),
         "backend_cpu_s_per_gb": per(cpu["backend_cpu_s"], gb, 1),
     }
 
@@ -823,6 +845,8 @@ def measure(ctx: Context, front: str, repeat: int) -> JSON:
                 ("handshake", measure_handshakes),
                 ("bulk", measure_bulk),
             ):
+                if phase not in ctx.phases:
+                    continue
                 started = time.monotonic()
                 result = sample[phase] = run(ctx, target)
                 result["phase_s"] = round(time.monotonic() - started, 3)
@@ -892,12 +916,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--haproxy-splice", action="store_true", help="haproxy with option splice-auto"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="comma-separated subset of the phases to run (e.g. bulk)",
+    )
     args = parser.parse_args(argv)
     fronts = [f.strip() for f in args.fronts.split(",") if f.strip()]
     unknown = sorted(set(fronts) - set(FRONTS))
     if unknown or not fronts:
         parser.error(f"--fronts: unknown {unknown}; choose from {','.join(FRONTS)}")
     args.fronts = [f for f in FRONTS if f in fronts]
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if not phases or phases - set(PHASES):
+        parser.error(f"--phases: unknown {sorted(phases - set(PHASES))}; choose from {PHASES}")
+    args.phases = tuple(p for p in PHASES if p in phases)
     if args.repeats < 1 or (args.bulk_conns or 1) < 1:
         parser.error("--repeats and --bulk-conns must be at least 1")
     return args
@@ -1013,6 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             haproxy=haproxy,
             haproxy_splice=args.haproxy_splice,
             local_app="tests.localapp:echo_factory",
+            phases=args.phases,
         )
         for repeat in range(params.repeats):
             for front in fronts:
