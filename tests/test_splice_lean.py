@@ -128,7 +128,12 @@ class SpliceLinkTests(TestCase):
 
         sampler = LoopingCall(sample)
         sampler.start(0.001)
-        self.addCleanup(lambda: sampler.running and sampler.stop())
+
+        def stop() -> None:
+            if sampler.running:
+                sampler.stop()
+
+        self.addCleanup(stop)
         return marks
 
     def test_bulk_batches_both_ways_byte_exact_with_half_close(self) -> Deferred[None]:
@@ -291,9 +296,12 @@ class SpliceLinkTests(TestCase):
             self.assertLess(progress[0], total)
             self.assertLessEqual(progress[0], len(first) + kernel + PIPE_SIZE)
             helpers.append(in_thread(lambda: rest.append(len(read_all(backend_peer)))))
-            helpers.append(
-                in_thread(lambda: (sender.join(60), backend_peer.shutdown(socket.SHUT_WR)))
-            )
+
+            def close_backend() -> None:
+                sender.join(60)
+                backend_peer.shutdown(socket.SHUT_WR)
+
+            helpers.append(in_thread(close_backend))
             return done
 
         def check(error: OSError | None) -> None:
