@@ -30,7 +30,11 @@ Fronts compared in one run (every one in front of the same kind of Go
   the echfront fronts to haproxy;
 * ``twisted-quiet``: the same without the two "Starting factory"/"Stopping
   factory" log lines its client factory writes per connection;
-* ``workers2``: as split, with ``--workers 2``.
+* ``workers2``: as split, with ``--workers 2``;
+* ``bare``: Go ECH client through benchmarks/barefront.py, the smallest
+  split-mode front on echfront's decoder and router (one epoll loop, no
+  Twisted, no metrics, logs, limits or deadlines): the floor of a Python
+  front, for reading ``split``'s ratio to haproxy.
 
 The echfront fronts log connections with echfront's buffered text observer
 (``--logger=echfront.logs.text_observer``).
@@ -126,7 +130,14 @@ from frontbench_proc import (  # noqa: E402
 )
 from frontbench_report import chart, ratios, references, render, summarize  # noqa: E402
 
-from tests.frontproc import FrontProcess, Pki, free_port, make_pki, twistd_command  # noqa: E402
+from tests.frontproc import (  # noqa: E402
+    FrontProcess,
+    Pki,
+    free_port,
+    make_pki,
+    to_toml,
+    twistd_command,
+)
 from tests.gotools import (  # noqa: E402
     ClientOptions,
     GoBackend,
@@ -151,6 +162,7 @@ FRONTS = (
     "twisted",
     "twisted-quiet",
     "workers2",
+    "bare",
 )
 #: The echfront fronts run on Twisted's transports (``[front] engine = "twisted"``);
 #: the others on the default, the lean engine.
@@ -546,6 +558,22 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
                 forwarder = stack.enter_context(ListeningProcess(argv, workdir, port, "twistd.log"))
             assert forwarder.proc is not None
             yield Target(front, f"127.0.0.1:{port}", SECRET, None, [forwarder.proc.pid], backend)
+            return
+
+        if front == "bare":
+            port = free_port()
+            config = echfront_config(pki, port, backend.port, ctx.local_app)
+            del config["front"]
+            config_path = workdir / "bare.toml"
+            workdir.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(to_toml(config))
+            script = str(Path(__file__).resolve().parent / "barefront.py")
+            argv = [sys.executable, script, str(config_path), str(port)]
+            with ctx.pinning.spawning(ctx.pinning.front):
+                bare = stack.enter_context(ListeningProcess(argv, workdir, port, "bare.log"))
+            assert bare.proc is not None
+            ech = pki.ech_config_list
+            yield Target(front, f"127.0.0.1:{port}", SECRET, ech, [bare.proc.pid], backend)
             return
 
         port = free_port()

@@ -38,8 +38,9 @@ TARGETS: dict[str, tuple[str, str, float]] = {
 }
 
 #: Reference ratios (numerator front, denominator front) of front CPU per
-#: handshake, reported when both ran: every front against haproxy, and the
-#: lean engine against Twisted's transports.
+#: handshake, reported when both ran: every front against haproxy, the lean
+#: engine against Twisted's transports, and split mode against its floor
+#: (``bare``, benchmarks/barefront.py).
 REFERENCES: tuple[tuple[str, str], ...] = (
     ("split", "haproxy"),
     ("split-twisted", "haproxy"),
@@ -47,8 +48,10 @@ REFERENCES: tuple[tuple[str, str], ...] = (
     ("local-twisted", "haproxy"),
     ("twisted", "haproxy"),
     ("twisted-quiet", "haproxy"),
+    ("bare", "haproxy"),
     ("split", "split-twisted"),
     ("local", "local-twisted"),
+    ("split", "bare"),
 )
 #: The bench_decoder.py figure the decoder target is about.
 DECODER_KEY = "full: reassemble + decode, X25519"
@@ -355,6 +358,7 @@ def chart(report: JSON, path: Path) -> str | None:
         "workers2": "C3",
         "twisted": "C4",
         "twisted-quiet": "C6",
+        "bare": "C5",
     }
     for ax, (key, title, reference, factor, label) in zip(axes.flat, panels, strict=True):
         fronts = [f for f in summary if summary[f][key]["n"]]

@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/frontbench.py: a tiny run, then the JSON's shape.
 
-Runs ``frontbench.py --quick --repeats 1 --fronts direct,split`` (plus
+Runs ``frontbench.py --quick --repeats 1 --fronts direct,split,bare`` (plus
 haproxy when it is installed) as a subprocess and checks that the JSON has
 the expected keys and positive, finite numbers.  No timing thresholds: the
 figures depend on the machine; only their presence and sanity are checked.
@@ -45,7 +45,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run the quick benchmark once for the module; its JSON report."""
     go_binary()  # build echtest (with the idle subcommand) outside the bounded run
     out = tmp_path_factory.mktemp("frontbench")
-    fronts = "direct,split" + (",haproxy" if _haproxy_installed() else "")
+    fronts = "direct,split,bare" + (",haproxy" if _haproxy_installed() else "")
     result = subprocess.run(
         [
             sys.executable,
@@ -120,8 +120,10 @@ def test_samples_are_sane(report: dict[str, Any]) -> None:
 
 
 def test_split_ech_was_accepted(report: dict[str, Any]) -> None:
-    (sample,) = report["samples"]["split"]
-    assert sample["handshake"]["ech_accepted"] == sample["handshake"]["ok"]
+    for front in ("split", "bare"):
+        (sample,) = report["samples"][front]
+        assert sample["handshake"]["ok"] > 0
+        assert sample["handshake"]["ech_accepted"] == sample["handshake"]["ok"]
     (direct,) = report["samples"]["direct"]
     assert direct["handshake"]["ech_accepted"] == 0
 
@@ -143,6 +145,8 @@ def test_summary_and_ratios(report: dict[str, Any]) -> None:
     for entry in ratios.values():
         assert {"value", "target", "compare", "met", "per_repeat"} <= set(entry)
     assert ratios["workers2_capacity_vs_one_worker"]["value"] is None  # not run
+    # split against its floor, the bare prototype (benchmarks/barefront.py)
+    assert _positive(report["references"]["split/bare"]["value"])
     if "haproxy" in report["fronts"]:
         assert _positive(ratios["split_cpu_per_handshake_vs_haproxy"]["value"])
         assert _positive(ratios["bulk_cpu_per_gb_vs_haproxy"]["value"])
