@@ -16,6 +16,7 @@ import time
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
 from echfront.front import splice
@@ -64,6 +65,7 @@ class SpliceSessionTests(TestCase):
         done: Deferred[BaseException | None] = Deferred()
         session = splice.SpliceSession(reactor, client_side, backend_side, record, done.callback)
         session.start()
+        self.session = session
         socks = [client_peer, client_side, backend_side, backend_peer]
         for sock in socks:
             self.addCleanup(sock.close)
@@ -158,6 +160,82 @@ class SpliceSessionTests(TestCase):
             self.assertEqual(resumes, [])
 
         return interactive.addCallback(bulk).addCallback(check)
+
+    def watch_marks(self) -> list[int]:
+        """Every receive low-water mark the last session uses, sampled each millisecond."""
+        session = self.session
+        marks = [0]
+
+        def sample() -> None:
+            if session.lowat != marks[-1]:
+                marks.append(session.lowat)
+
+        sampler = LoopingCall(sample)
+        sampler.start(0.001)
+
+        def stop() -> None:
+            if sampler.running:
+                sampler.stop()
+
+        self.addCleanup(stop)
+        return marks
+
+    def test_bulk_batches_and_the_tail_arrives_without_end_of_stream(self) -> Deferred[None]:
+        """A fast session batches with SO_RCVLOWAT; bytes left below the mark still arrive.
+
+        Then, with nothing more to move, it stops batching; at the end both
+        sockets go back to their transports with the default mark.
+        """
+        record, done, (client_peer, client_side, backend_side, backend_peer) = self.run_session()
+        session = self.session
+        marks = self.watch_marks()
+        data = os.urandom(24 * MiB) + b"the tail, well below any mark"
+        received = bytearray()
+
+        def backend_reads() -> None:
+            backend_peer.settimeout(30)
+            while len(received) < len(data):
+                chunk = backend_peer.recv(1 << 20)
+                if not chunk:
+                    return
+                received.extend(chunk)
+
+        reader = threading.Thread(target=backend_reads, daemon=True)
+        reader.start()
+        sender = threading.Thread(target=lambda: client_peer.sendall(data), daemon=True)
+        sender.start()
+        idle: Deferred[None] = Deferred()
+        started = time.monotonic()
+
+        def poll() -> None:
+            if len(received) == len(data) and not session.lowat:
+                idle.callback(None)
+            elif time.monotonic() - started > 30:
+                idle.errback(AssertionError(f"{len(received)} of {len(data)} bytes arrived"))
+            else:
+                reactor.callLater(0.005, poll)
+
+        reactor.callLater(0.005, poll)
+
+        def batched(_: None) -> Deferred[BaseException | None]:
+            sender.join(5)
+            reader.join(5)
+            self.assertEqual(bytes(received), data)
+            self.assertGreater(max(marks), 0, "the bulk transfer never batched")
+            self.assertLessEqual(max(marks), splice._LOWAT_MAX)
+            self.assertFalse(done.called)
+            client_peer.shutdown(socket.SHUT_WR)
+            backend_peer.shutdown(socket.SHUT_WR)
+            return done
+
+        def check(error: BaseException | None) -> None:
+            self.assertIsNone(error)
+            self.assertEqual(record.bytes_from_client, len(data))
+            self.assertIsNone(session._timer)
+            for sock in (client_side, backend_side):
+                self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT), 1)
+
+        return idle.addCallback(batched).addCallback(check)
 
     def test_flow_control_bounds_buffering(self) -> Deferred[None]:
         """A backend that does not read stalls the client; nothing piles up."""

@@ -25,11 +25,15 @@ window is nearly closed (so a sender is never stalled by it).  The mark
 starts at :data:`_LOWAT_START` and doubles, up to :data:`_LOWAT_MAX`, while
 full wake-ups come sooner than every half :data:`_PERIOD`.  What waits
 below the mark, when a sender slows down or pauses, is collected by a
-timer once the link has gone :data:`_PERIOD` without a wake-up: so nothing
-waits longer than that.  The timer halves the mark, and ends the batching
-once it collects little.  A batching link serves both directions once per
-wake-up, and does not count toward the engine's moderation (which pauses
-every connection of the engine): the kernel moderates it.
+timer once the link has gone :data:`_PERIOD` (8 ms) without a wake-up:
+so nothing waits longer than that, which is the price of batching; links
+below about 25 MB/s never batch.  The timer halves the mark, and ends the
+batching once it collects little.  A batching link's sockets are watched
+for reads only (a sink that was full is retried by the timer), it serves
+both directions once per wake-up, a pull that leaves the pipe part empty
+is its last (no pull to see EAGAIN: what arrives later reaches the mark or
+the timer), and it does not count toward the engine's moderation (which
+pauses every connection of the engine): the kernel moderates it.
 """
 
 from __future__ import annotations
@@ -68,10 +72,10 @@ _ENTER = 256 * 1024
 _ENTER_WINDOW = 0.01
 #: First receive low-water mark of a batching link, in bytes.
 _LOWAT_START = 64 * 1024
-#: The mark never goes above one pipe's worth (1 MiB pipes, splice.PIPE_SIZE).
-_LOWAT_MAX = 1024 * 1024
+#: Highest mark: two pipes' worth (1 MiB pipes, splice.PIPE_SIZE), pulled in two rounds.
+_LOWAT_MAX = 2 * 1024 * 1024
 #: Longest wait (seconds) of bytes below the mark.
-_PERIOD = 0.004
+_PERIOD = 0.008
 #: A timer run that collects less than this ends the batching.
 _STAY = 32 * 1024
 #: What a batching link's sockets are watched for (edge-triggered): reads

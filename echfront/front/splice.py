@@ -22,6 +22,12 @@ Everything the ordinary path guarantees is kept:
 It only starts when it safely can: both transports are plain sockets,
 their user-space write buffers are empty, and neither side has half-closed
 yet.  Otherwise the relay stays on the ordinary path.
+
+A session that moves data fast batches its wake-ups in the kernel with
+``SO_RCVLOWAT``, as the lean engine's links do (:mod:`echfront.front.leansplice`
+explains how): a socket is reported readable once a whole mark of bytes
+waits, and a timer collects what waits below the mark after
+:data:`_PERIOD` without a wake-up.
 """
 
 from __future__ import annotations
@@ -70,6 +76,18 @@ _ROUNDS = 8
 #: traffic never reaches the threshold, and nothing waits more than 1 ms.
 _BULK_BYTES = 64 * 1024
 _MODERATION = 0.001
+#: Batching (see the module docstring and echfront.front.leansplice): it
+#: starts once a session moved _ENTER bytes within _ENTER_WINDOW seconds;
+#: the mark starts at _LOWAT_START and doubles up to _LOWAT_MAX while whole
+#: marks come sooner than every half _PERIOD; a timer collects what waits
+#: below it after _PERIOD, halves it, and ends the batching when it
+#: collects less than _STAY.
+_ENTER = 256 * 1024
+_ENTER_WINDOW = 0.01
+_LOWAT_START = 64 * 1024
+_LOWAT_MAX = 2 * PIPE_SIZE
+_PERIOD = 0.008
+_STAY = 32 * 1024
 #: Empty pipes kept for reuse (each costs two descriptors).
 _POOLED_PIPES = 32
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -152,6 +170,7 @@ class _Pump:
         self._pull()
         if self.pipe is not None and not self.pending:
             self._release()
+        self.session.served()
 
     def push(self) -> None:
         """Sink writable: empty the pipe into it."""
@@ -192,8 +211,13 @@ class _Pump:
             else:
                 self.pending += moved
                 self.count(moved)
-                self.session.engine.moved += moved
+                if not self.session.lowat:  # (a batching session is moderated by the kernel)
+                    self.session.engine.moved += moved
             if not self._drain() or self.ended:
+                return
+            if moved < room:
+                # The socket is empty (or below its mark): readiness, which
+                # epoll reports level-triggered, says when there is more.
                 return
 
     def _drain(self) -> bool:
@@ -425,12 +449,79 @@ class SpliceSession:
         self._client.reader = self._backend.writer = self._up
         self._backend.reader = self._client.writer = self._down
         self._ended: set[_Pump] = set()
+        #: The receive low-water mark set on both sockets; 0 while not batching.
+        self.lowat = 0
+        #: Bytes moved since ``_mark`` (not batching) or since the last wake-up.
+        self.moved = 0
+        self._time = IReactorTime(reactor)
+        self._mark = self._woken_at = self._time.seconds()
+        self._timer: IDelayedCall | None = None
 
     def _count_up(self, moved: int) -> None:
         self.record.bytes_from_client += moved
+        self.moved += moved
 
     def _count_down(self, moved: int) -> None:
         self.record.bytes_to_client += moved
+        self.moved += moved
+
+    # -- batching --------------------------------------------------------------------
+
+    def served(self) -> None:
+        """A pump pulled: start batching, or adjust the mark and put the timer off."""
+        if self.finished:
+            return
+        timer = self._timer
+        if timer is None:
+            if self.moved >= _ENTER:
+                now = self._time.seconds()
+                if now - self._mark <= _ENTER_WINDOW:
+                    self._set_lowat(_LOWAT_START)
+                    self._woken_at = now
+                    self._timer = self._time.callLater(_PERIOD, self._collect)
+                self._mark = now
+                self.moved = 0
+            return
+        if self.moved >= self.lowat:
+            now = self._time.seconds()
+            if self.lowat < _LOWAT_MAX and now - self._woken_at < _PERIOD / 2:
+                self._set_lowat(self.lowat * 2)
+            self._woken_at = now
+            self.moved = 0
+            timer.reset(_PERIOD)
+
+    def _collect(self) -> None:
+        """No whole mark for ``_PERIOD``: move what waits below it."""
+        self._timer = None
+        if self.finished:
+            return
+        self.moved = 0
+        for pump in self._pumps:
+            if not pump.ended and not pump.full:
+                pump.pull()
+        if self._settled():
+            return
+        moved, self.moved = self.moved, 0
+        if moved < _STAY:
+            self._set_lowat(0)  # too little for batching to pay
+            self._mark = self._time.seconds()
+            return
+        if moved < self.lowat:
+            # The sender slowed down, or cannot send a whole mark ahead.
+            self._set_lowat(max(_LOWAT_START, self.lowat // 2))
+        self._woken_at = self._time.seconds()
+        self._timer = self._time.callLater(_PERIOD, self._collect)
+
+    def _settled(self) -> bool:
+        """Whether the pulls just made ended the session, or started batching anew."""
+        return self.finished or self._timer is not None
+
+    def _set_lowat(self, lowat: int) -> None:
+        """Set SO_RCVLOWAT on both sockets (0: back to 1, the default)."""
+        self.lowat = lowat
+        for end in (self._client, self._backend):
+            with contextlib.suppress(OSError):  # a broken socket: its events tell
+                end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat or 1)
 
     def start(self) -> None:
         """Watch both sockets for reading."""
@@ -463,6 +554,12 @@ class SpliceSession:
             end.reading = end.writing = False
             self.engine.forget(end)
         self.finished = True
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self.lowat:
+            # The sockets go back to their transports: the default mark.
+            self._set_lowat(0)
         for pump in self._pumps:
             pump.close()
         if notify:
