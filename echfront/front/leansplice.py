@@ -263,7 +263,10 @@ class SpliceLink:
         for fd in (self._up.source, self._down.source):
             # A socket object on the descriptor just for the call: the relay
             # owns the socket, so this one must not close it (detach).
-            sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            try:
+                sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            except OSError:
+                continue  # closed meanwhile: the pumps see it
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat or 1)
             except OSError:
