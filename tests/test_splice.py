@@ -16,40 +16,17 @@ import time
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
 from echfront.front import splice
 from echfront.front.connection import ConnectionRecord
 from tests.frontproc import FrontProcess, make_pki
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
+from tests.splicepairs import low_water_marks, pairs, read_all
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux only")
 
 MiB = 1024 * 1024
-
-
-def pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
-    """client_peer <-> client_side, backend_side <-> backend_peer (TCP, loopback)."""
-    sockets = []
-    for _ in range(2):
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            outer = socket.create_connection(server.getsockname())
-            inner, _ = server.accept()
-        sockets += [outer, inner]
-    client_peer, client_side, backend_peer, backend_side = sockets
-    for sock in (client_side, backend_side):
-        sock.setblocking(False)
-    return client_peer, client_side, backend_side, backend_peer
-
-
-def read_all(sock: socket.socket, limit: float = 20.0) -> bytes:
-    """Blocking read to end of stream, bounded in time."""
-    sock.settimeout(limit)
-    chunks = []
-    while chunk := sock.recv(1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class SpliceSessionTests(TestCase):
@@ -164,21 +141,7 @@ class SpliceSessionTests(TestCase):
     def watch_marks(self) -> list[int]:
         """Every receive low-water mark the last session uses, sampled each millisecond."""
         session = self.session
-        marks = [0]
-
-        def sample() -> None:
-            if session.lowat != marks[-1]:
-                marks.append(session.lowat)
-
-        sampler = LoopingCall(sample)
-        sampler.start(0.001)
-
-        def stop() -> None:
-            if sampler.running:
-                sampler.stop()
-
-        self.addCleanup(stop)
-        return marks
+        return low_water_marks(self, lambda: session.lowat)
 
     def test_bulk_batches_and_the_tail_arrives_without_end_of_stream(self) -> Deferred[None]:
         """A fast session batches with SO_RCVLOWAT; bytes left below the mark still arrive.

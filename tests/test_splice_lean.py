@@ -22,7 +22,6 @@ from collections.abc import Callable
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -31,33 +30,11 @@ from echfront.front import leansplice
 from echfront.front.connection import ConnectionRecord
 from echfront.front.leansplice import SpliceLink
 from echfront.front.splice import PIPE_SIZE
+from tests.splicepairs import low_water_marks, pairs, read_all
 
 pytestmark = pytest.mark.skipif(not lean.AVAILABLE, reason="epoll and splice(2) are Linux only")
 
 MiB = 1024 * 1024
-
-
-def pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
-    """client_peer <-> client_side, backend_side <-> backend_peer (TCP, loopback)."""
-    sockets = []
-    for _ in range(2):
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            outer = socket.create_connection(server.getsockname())
-            inner, _ = server.accept()
-        sockets += [outer, inner]
-    client_peer, client_side, backend_side, backend_peer = sockets
-    for sock in (client_side, backend_side):
-        sock.setblocking(False)
-    return client_peer, client_side, backend_side, backend_peer
-
-
-def read_all(sock: socket.socket, limit: float = 30.0) -> bytes:
-    """Blocking read to end of stream, bounded in time."""
-    sock.settimeout(limit)
-    chunks = []
-    while chunk := sock.recv(1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def in_thread(target: Callable[[], object]) -> threading.Thread:
@@ -120,21 +97,7 @@ class SpliceLinkTests(TestCase):
 
     def watch_marks(self, link: SpliceLink) -> list[int]:
         """Every receive low-water mark the link uses, sampled each millisecond."""
-        marks = [0]
-
-        def sample() -> None:
-            if link.lowat != marks[-1]:
-                marks.append(link.lowat)
-
-        sampler = LoopingCall(sample)
-        sampler.start(0.001)
-
-        def stop() -> None:
-            if sampler.running:
-                sampler.stop()
-
-        self.addCleanup(stop)
-        return marks
+        return low_water_marks(self, lambda: link.lowat)
 
     def test_bulk_batches_both_ways_byte_exact_with_half_close(self) -> Deferred[None]:
         link, done, (client_peer, _, _, backend_peer) = self.start_link()

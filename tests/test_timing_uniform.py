@@ -36,6 +36,7 @@ from echfront.front.state import FrontSettings, FrontState
 from echfront.routing import Rule, StaticRouter
 from echfront.targets import ECH_REQUIRED_REFUSAL, UNRECOGNIZED, Backend, Reject, Route
 from tests.echhello import InnerSpec, seal_hello
+from tests.test_routing import backend, hello
 from tests.twistedhelpers import CLIENT_ADDRESS, Network, RecordingServer, alert
 
 PEER = IPv4Address("TCP", "192.0.2.7", 50123)
@@ -82,18 +83,6 @@ def until_return_of(events: list[Event], function: str) -> list[Event]:
         if event[0] == "return" and event[2] == function:
             return events[: index + 1]
     raise AssertionError(f"{function} never returned")
-
-
-def hello(
-    name: str | None, alpn: tuple[bytes, ...] = (), status: ECHStatus = ECHStatus.ACCEPTED
-) -> ClientHelloInfo:
-    fields: dict[str, Any] = dict.fromkeys(ClientHelloInfo.__dataclass_fields__)
-    fields.update(server_name=name, alpn=alpn, status=status, forward=b"", rest=b"")
-    return ClientHelloInfo(**fields)
-
-
-def backend(name: str) -> Backend:
-    return Backend(name, endpoint=object())  # type: ignore[arg-type]
 
 
 class ReferenceRouter:
