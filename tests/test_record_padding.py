@@ -454,13 +454,19 @@ def test_twistd_without_padding(pki: Pki, tmp_path: Path) -> None:
 
 def test_twistd_workers_start_padded(pki: Pki, tmp_path: Path) -> None:
     config = public_config(pki, "workers = 2\n", "[front]\nrecord_padding = 1024\n")
+    said = "pads its records to multiples of 1024 bytes"
     with FrontProcess(tmp_path / "front", config) as front:
         lengths = get_records(front, pki)
         supervisor = cmdline(front.pid)
+        # The front listens once one worker does; the other may still be
+        # starting: wait (bounded) for both to say how they pad.
+        deadline = time.monotonic() + 60
+        while front.log_text().count(said) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
     # The supervisor terminates no TLS and stays as it was started.
     assert localtls.BOOT_CODE not in supervisor
     assert padded_to(lengths, 1024)
-    assert front.log_text().count("pads its records to multiples of 1024 bytes") == 2
+    assert front.log_text().count(said) == 2
 
 
 def test_twistd_says_when_the_operators_configuration_wins(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -329,11 +330,21 @@ async def try_browser(
         await session.close()
 
 
+#: The error code on Chromium's network error page ("ERR_NAME_NOT_RESOLVED"),
+#: past the template markers its renderer leaves in the dumped DOM.
+_ERROR_PAGE_CODE = re.compile(r'class="error-code">(?:\s|<!--.*?-->)*(?:net::)?(ERR_[A-Z0-9_]+)')
+
+
 def _report(
     browser: ChromiumProcess, status: int | None, screenshot: Path | None, out: TextIO
 ) -> int:
     """Print the page and say whether ECH was accepted."""
     document = browser.stdout.decode("utf-8", "replace")
+    failed_load = _ERROR_PAGE_CODE.search(document)
+    if failed_load is not None:
+        # Chromium's own error page (newer versions dump it, where older
+        # ones printed nothing): its error code is the verdict.
+        raise ConfigError(f"Chromium showed no page: net::{failed_load.group(1)}")
     text = page_text(document)
     if not text:
         lines = [line for line in browser.stderr.decode("utf-8", "replace").splitlines() if line]

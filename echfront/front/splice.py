@@ -28,6 +28,12 @@ A session that moves data fast batches its wake-ups in the kernel with
 explains how): a socket is reported readable once a whole mark of bytes
 waits, and a timer collects what waits below the mark after
 :data:`_PERIOD` without a wake-up.
+
+Why this module is long: a session is one state machine over two sockets
+and two pipes (start, both directions' pumps with flow control and
+half-close, batching, the hand-back), and the engine that drives sessions
+shares its state; the lean engine's own links are in
+:mod:`echfront.front.leansplice`.
 """
 
 from __future__ import annotations
