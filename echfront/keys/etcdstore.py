@@ -74,8 +74,11 @@ __all__ = ["EtcdKeyStore", "decode_member", "encode_key_record"]
 
 _FORMAT = 1
 _TIME = "%Y-%m-%dT%H:%M:%SZ"
-#: Attempts of a compare-and-swap that keeps losing to other writers.
-_ATTEMPTS = 16
+#: Attempts of a compare-and-swap that keeps losing to other writers.  Each
+#: round has one winner, so N writers racing for the lowest free config_id
+#: can make the last one lose N - 1 times: the bound must exceed the writers
+#: that can race (one leader in a fleet; the tests race 24).
+_ATTEMPTS = 64
 
 
 def _iso(when: datetime.datetime | None) -> str | None:
