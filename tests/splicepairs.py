@@ -1,18 +1,23 @@
 """Helpers of the splice tests (tests/test_splice.py, tests/test_splice_lean.py).
 
 Real TCP socket pairs on loopback, a bounded blocking read to the end of a
-stream, and a sampler of the receive low-water mark a splice uses.
+stream, peers in threads, a bounded wait on the real reactor, and a sampler
+of the receive low-water mark a splice uses.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Callable
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 
-__all__ = ["low_water_marks", "pairs", "read_all"]
+__all__ = ["in_thread", "low_water_marks", "pairs", "read_all", "wait_until"]
 
 
 def pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
@@ -62,3 +67,32 @@ def low_water_marks(test: TestCase, current: Callable[[], int]) -> list[int]:
 
     test.addCleanup(stop)
     return marks
+
+
+def in_thread(target: Callable[[], object]) -> threading.Thread:
+    """Run ``target`` (a blocking peer) in a started daemon thread."""
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_until(
+    done: Callable[[], bool], failure: Callable[[], str], *, limit: float, every: float
+) -> Deferred[None]:
+    """Fire once ``done()`` holds, polled every ``every`` s on the real reactor.
+
+    Fails with ``failure()`` as an AssertionError after ``limit`` seconds.
+    """
+    finished: Deferred[None] = Deferred()
+    started = time.monotonic()
+
+    def poll() -> None:
+        if done():
+            finished.callback(None)
+        elif time.monotonic() - started > limit:
+            finished.errback(AssertionError(failure()))
+        else:
+            reactor.callLater(every, poll)
+
+    reactor.callLater(every, poll)
+    return finished

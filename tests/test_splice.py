@@ -22,7 +22,7 @@ from echfront.front import splice
 from echfront.front.connection import ConnectionRecord
 from tests.frontproc import FrontProcess, make_pki
 from tests.gotools import GoBackend, GoUnavailableError, go_binary, run_client
-from tests.splicepairs import low_water_marks, pairs, read_all
+from tests.splicepairs import in_thread, low_water_marks, pairs, read_all, wait_until
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux only")
 
@@ -95,17 +95,10 @@ class SpliceSessionTests(TestCase):
                 client_peer.settimeout(10)
                 answers.append(client_peer.recv(100))
 
-        talker = threading.Thread(target=ping_pong, daemon=True)
-        talker.start()
-        interactive: Deferred[None] = Deferred()
-
-        def wait_talker() -> None:
-            if talker.is_alive():
-                reactor.callLater(0.05, wait_talker)
-            else:
-                interactive.callback(None)
-
-        reactor.callLater(0.05, wait_talker)
+        talker = in_thread(ping_pong)
+        interactive = wait_until(
+            lambda: not talker.is_alive(), lambda: "the exchange did not end", limit=60, every=0.05
+        )
         upload = os.urandom(32 * MiB)
         received: list[bytes] = []
 
@@ -163,22 +156,14 @@ class SpliceSessionTests(TestCase):
                     return
                 received.extend(chunk)
 
-        reader = threading.Thread(target=backend_reads, daemon=True)
-        reader.start()
-        sender = threading.Thread(target=lambda: client_peer.sendall(data), daemon=True)
-        sender.start()
-        idle: Deferred[None] = Deferred()
-        started = time.monotonic()
-
-        def poll() -> None:
-            if len(received) == len(data) and not session.lowat:
-                idle.callback(None)
-            elif time.monotonic() - started > 30:
-                idle.errback(AssertionError(f"{len(received)} of {len(data)} bytes arrived"))
-            else:
-                reactor.callLater(0.005, poll)
-
-        reactor.callLater(0.005, poll)
+        reader = in_thread(backend_reads)
+        sender = in_thread(lambda: client_peer.sendall(data))
+        idle = wait_until(
+            lambda: len(received) == len(data) and not session.lowat,
+            lambda: f"{len(received)} of {len(data)} bytes arrived",
+            limit=30,
+            every=0.005,
+        )
 
         def batched(_: None) -> Deferred[BaseException | None]:
             sender.join(5)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -30,17 +29,11 @@ from echfront.front import leansplice
 from echfront.front.connection import ConnectionRecord
 from echfront.front.leansplice import SpliceLink
 from echfront.front.splice import PIPE_SIZE
-from tests.splicepairs import low_water_marks, pairs, read_all
+from tests.splicepairs import in_thread, low_water_marks, pairs, read_all, wait_until
 
 pytestmark = pytest.mark.skipif(not lean.AVAILABLE, reason="epoll and splice(2) are Linux only")
 
 MiB = 1024 * 1024
-
-
-def in_thread(target: Callable[[], object]) -> threading.Thread:
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread
 
 
 def lowat(sock: socket.socket) -> int:
@@ -160,18 +153,12 @@ class SpliceLinkTests(TestCase):
 
         reader = in_thread(backend_reads)
         sender = in_thread(lambda: client_peer.sendall(data))
-        finished: Deferred[None] = Deferred()
-        started = time.monotonic()
-
-        def poll() -> None:
-            if len(received) == len(data) and not link.lowat:
-                finished.callback(None)
-            elif time.monotonic() - started > 30:
-                finished.errback(AssertionError(f"{len(received)} of {len(data)} bytes arrived"))
-            else:
-                reactor.callLater(0.005, poll)
-
-        reactor.callLater(0.005, poll)
+        finished = wait_until(
+            lambda: len(received) == len(data) and not link.lowat,
+            lambda: f"{len(received)} of {len(data)} bytes arrived",
+            limit=30,
+            every=0.005,
+        )
 
         def check(_: None) -> None:
             sender.join(5)
@@ -201,15 +188,9 @@ class SpliceLinkTests(TestCase):
                 answers.append(client_peer.recv(1000, socket.MSG_WAITALL))
 
         talker = in_thread(ping_pong)
-        finished: Deferred[None] = Deferred()
-
-        def wait() -> None:
-            if talker.is_alive():
-                reactor.callLater(0.02, wait)
-            else:
-                finished.callback(None)
-
-        reactor.callLater(0.02, wait)
+        finished = wait_until(
+            lambda: not talker.is_alive(), lambda: "the exchange did not end", limit=60, every=0.02
+        )
 
         def check(_: None) -> None:
             self.assertEqual(answers, [b"ping" * 100, b"pong" * 100] * 200)
