@@ -30,7 +30,12 @@ Fronts compared in one run (every one in front of the same kind of Go
   the echfront fronts to haproxy;
 * ``twisted-quiet``: the same without the two "Starting factory"/"Stopping
   factory" log lines its client factory writes per connection;
-* ``workers2``: as split, with ``--workers 2``;
+* ``workers2``: as split, with ``--workers 2``, its workers free to run on
+  every CPU (beside the client and the backend);
+* ``workers2-onecpu``: the same with both workers pinned to the front's
+  CPU, where nothing else runs (not in the default set): what two workers
+  sharing one core cost per handshake, next to ``workers2``'s sharing of
+  both cores with the load;
 * ``bare``: Go ECH client through benchmarks/barefront.py, the smallest
   split-mode front on echfront's decoder and router (one epoll loop, no
   Twisted, no metrics, logs, limits or deadlines): the floor of a Python
@@ -164,6 +169,8 @@ FRONTS = (
     "workers2",
     "bare",
 )
+#: Fronts run only when named in ``--fronts``.
+EXTRA_FRONTS = ("workers2-onecpu",)
 #: The echfront fronts run on Twisted's transports (``[front] engine = "twisted"``);
 #: the others on the default, the lean engine.
 TWISTED_ENGINE = frozenset(("split-twisted", "local-twisted"))
@@ -579,9 +586,9 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
         port = free_port()
         engine = "twisted" if front in TWISTED_ENGINE else "lean"
         config = echfront_config(pki, port, backend.port, ctx.local_app, engine)
-        workers = front == "workers2"
+        workers = front.startswith("workers2")
         args = ["--workers", "2"] if workers else []
-        cpus = None if workers else ctx.pinning.front
+        cpus = None if front == "workers2" else ctx.pinning.front
         proc = FrontProcess(workdir, config, args=args, port=port, twistd_args=[ECHFRONT_LOGGER])
         workers_seen: dict[int, int] = {}
 
@@ -951,10 +958,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     fronts = [f.strip() for f in args.fronts.split(",") if f.strip()]
-    unknown = sorted(set(fronts) - set(FRONTS))
+    known = (*FRONTS, *EXTRA_FRONTS)
+    unknown = sorted(set(fronts) - set(known))
     if unknown or not fronts:
-        parser.error(f"--fronts: unknown {unknown}; choose from {','.join(FRONTS)}")
-    args.fronts = [f for f in FRONTS if f in fronts]
+        parser.error(f"--fronts: unknown {unknown}; choose from {','.join(known)}")
+    args.fronts = [f for f in known if f in fronts]
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
     if not phases or phases - set(PHASES):
         parser.error(f"--phases: unknown {sorted(phases - set(PHASES))}; choose from {PHASES}")

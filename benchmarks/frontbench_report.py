@@ -356,6 +356,7 @@ def chart(report: JSON, path: Path) -> str | None:
         "local-twisted": "C8",
         "haproxy": "C2",
         "workers2": "C3",
+        "workers2-onecpu": "C7",
         "twisted": "C4",
         "twisted-quiet": "C6",
         "bare": "C5",

@@ -221,7 +221,7 @@ class Metrics:
         )
 
     def bind(self, clock: IReactorTime) -> None:
-        """Copy values for the ``--workers`` supervisor once per turn of ``clock``.
+        """Copy values for the ``--workers`` supervisor on ``clock``'s timer.
 
         Only in multiprocess mode does anything need copying (see
         :mod:`echfront.front.fastmetrics`); elsewhere this changes nothing.
