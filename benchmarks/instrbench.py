@@ -63,7 +63,15 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `tests` importable
     sys.path.insert(0, str(REPO_ROOT))
 
 from frontbench import ECHFRONT_LOGGER, SECRET, echfront_config  # noqa: E402
-from frontbench_proc import children, fd_count, listening_inodes, listens, wait_fds  # noqa: E402
+from frontbench_proc import (  # noqa: E402
+    children,
+    fd_count,
+    listening_inodes,
+    listens,
+    start_time,
+    stop_pid,
+    wait_fds,
+)
 
 from tests.frontproc import Pki, free_port, make_pki, to_toml, twistd_command  # noqa: E402
 from tests.gotools import GoBackend, client_args, parse_json_lines  # noqa: E402
@@ -136,10 +144,13 @@ def dumped_totals(out_dir: Path, pid: int) -> int:
     return total
 
 
-def wait_for(pid: int, port: int, count: int, timeout: float) -> list[int]:
-    """PIDs listening on ``port``: ``pid`` itself, or ``count`` of its children."""
+def wait_for(proc: subprocess.Popen[bytes], port: int, count: int, timeout: float) -> list[int]:
+    """PIDs listening on ``port``: the process itself, or ``count`` of its children."""
+    pid = proc.pid
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"front {pid} exited with status {proc.returncode} before listening")
         inodes = listening_inodes(port)
         candidates = [pid] if count == 1 else children(pid)
         ready = [p for p in candidates if listens(p, inodes)]
@@ -195,22 +206,23 @@ def started(front: str, pki: Pki, work: Path, backend_port: int) -> Iterator[tup
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    workers: dict[int, int] = {}
     try:
-        pids = wait_for(proc.pid, port, 2 if front == "workers2" else 1, START_TIMEOUT)
+        try:
+            pids = wait_for(proc, port, 2 if front == "workers2" else 1, START_TIMEOUT)
+        except RuntimeError as error:
+            tail = (work / f"{front}.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{front}: {error}\n{tail}") from None
+        if front == "workers2":
+            workers = {pid: start_time(pid) for pid in pids}
         yield port, pids
     finally:
-        workers = children(proc.pid) if front == "workers2" else []
         stop_process(proc, timeout=120)
-        for pid in workers:  # should the supervisor have died first
-            with_pid_gone(pid)
+        for pid, started_at in workers.items():
+            # The supervisor stops its workers; should it have been killed
+            # instead, they must not outlive it.
+            stop_pid(pid, started_at)
         log.close()
-
-
-def with_pid_gone(pid: int) -> None:
-    """Wait (bounded) for a worker of ours to exit after its supervisor stopped it."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        time.sleep(0.2)
 
 
 def measure(front: str, pki: Pki, work: Path, params: argparse.Namespace) -> Counted:
