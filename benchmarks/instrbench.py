@@ -33,9 +33,10 @@ processes, and the re-exec that sets up record padding), warm up unmeasured
 (``callgrind_control -i on``), run ``--handshakes`` handshakes at
 ``--concurrency``, wait for the front to close them, switch it off and dump
 (``callgrind_control -i off``, ``-d``), and read each dump's ``totals``.
-Every ECH handshake must be accepted, or the front's figures are withheld.
-Under callgrind a front runs some 50 times slower, so the sizes are small;
-the counts per handshake are stable to about 1% from run to run.
+Every handshake must be ECH-accepted, or the run stops with the client's
+summary.  Under callgrind a front runs some 50 times slower, so the sizes
+are small; the counts per handshake are stable to about 1% from run to
+run.
 
 Output: a table on stdout, and ``--json`` for the raw counts.  Needs
 valgrind (``callgrind_control``) and Go; every wait is bounded; only
