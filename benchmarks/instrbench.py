@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/instrbench.py [--handshakes 300] [--fronts split,workers2,bare]
-                                    [--json FILE]
+                                    [--json FILE] [--keep DIR]
 
 frontbench.py times fronts in CPU seconds, which on a small shared machine
 move with everything else running (haproxy's own figure by a factor of
@@ -284,6 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=40, help="unmeasured handshakes first")
     parser.add_argument("--concurrency", type=int, default=8, help="handshakes in flight")
     parser.add_argument("--json", type=Path, help="write the raw counts here")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="copy each front's callgrind dumps into DIR/FRONT (read them with callgrind_annotate)",
+    )
     params = parser.parse_args(argv)
     fronts = [f for f in params.fronts.split(",") if f]
     unknown = sorted(set(fronts) - set(FRONTS))
@@ -303,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for front in fronts:
             print(f"[{time.strftime('%H:%M:%S')}] {front} under callgrind", file=sys.stderr)
             results[front] = measure(front, pki, work, params)
+            if params.keep:
+                shutil.copytree(work / front, params.keep / front, dirs_exist_ok=True)
     lines = report(results)
     print("\n".join(lines))
     if params.json:

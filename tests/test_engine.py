@@ -22,12 +22,14 @@ Twisted for other targets, and that nothing is left behind.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import shutil
 import socket
 import struct
 import tempfile
+import weakref
 from typing import Any
 
 import pytest
@@ -44,9 +46,10 @@ from echfront.ech.keyset import KeySet
 from echfront.front.deadlines import DeadlineClock
 from echfront.front.engine import AVAILABLE, engine_for, plain_tcp_target
 from echfront.front.leanport import LeanPort, LeanServerEndpoint, adopt_port, lean_endpoint
+from echfront.front.leanrelay import LeanRelay
 from echfront.front.leantransport import LeanTransport
 from echfront.front.local import local_target
-from echfront.front.protocol import FrontFactory
+from echfront.front.protocol import FrontFactory, FrontProtocol
 from echfront.front.state import FrontSettings, FrontState
 from echfront.front.tlsoptions import load_certificate_options
 from echfront.interfaces import IRouter
@@ -782,3 +785,36 @@ class NothingLeftBehindTests(LeanTestCase):
         self.assertEqual(self.factory.open_connections, 0)
         # The test's own sockets are closed too; the front holds nothing.
         self.assertLessEqual(len(os.listdir("/proc/self/fd")), baseline)
+
+    def test_connections_are_freed_without_the_garbage_collector(self) -> None:
+        # A connection's objects point at each other while it is open; once
+        # it closes, none of those references may form a cycle, or every
+        # connection would wait for a collection to be freed (and the
+        # collector would trace them meanwhile).
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        hellos = [plain_hello(), seal_hello(KEY.config, InnerSpec()).records]
+        freed: list[weakref.ref[FrontProtocol]] = []
+        kinds: set[type] = set()
+        for records in hellos:
+            link = self.net.open(records)
+            link.backend_send(server_hello())
+            (front,) = self.connections()
+            kinds.update({type(front), type(front.transport), type(front._handler)})
+            freed.append(weakref.ref(front))
+            link.client_close()
+            link.backend_close()
+            link.front = None  # the harness keeps its links, and each its protocol
+            del front
+        self.assertEqual(kinds, {FrontProtocol, LeanTransport, LeanRelay})
+        self.assertEqual(self.factory.open_connections, 0)
+        self.assertEqual([ref() for ref in freed], [None, None])
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            left = {type(o) for o in gc.garbage} & kinds
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(left, set())

@@ -15,6 +15,7 @@ hand and through ``FrontService.reload`` with a real configuration.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -316,8 +317,20 @@ def test_make_service_for_a_file(tmp_path: Path, files: dict[str, Path]) -> None
         # A tcp: port closes refused sockets itself: refusals answer None there.
         assert getattr(factories[8443], "bare_port", None) is True
         assert isinstance(factories[9100], QuietSite)
+        # Start-up's objects leave the collector's sight once the reactor runs.
+        assert (tap.freeze_startup_objects, (), {}) in reactor.whenRunningHooks
     finally:
         service.stopService()
+
+
+def test_freeze_startup_objects_freezes_what_is_alive() -> None:
+    kept = [[index] for index in range(100)]  # containers: objects the collector tracks
+    gc.unfreeze()
+    try:
+        tap.freeze_startup_objects()
+        assert gc.get_freeze_count() > len(kept)
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.usefixtures("no_worker_env")

@@ -385,8 +385,14 @@ class FrontProtocol(Protocol):
         self._cancel_timer()
         if not self.record.close_reason:
             self.record.close_reason = reason.getErrorMessage()
-        if self._handler is not None:
-            self._handler.client_lost(reason)
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.client_lost(reason)
+        # The input sink set on this instance is a bound method (the
+        # handler's, or our own _hold): a reference cycle back here.  Back
+        # to the class's method, so reference counting frees the connection
+        # at once instead of the garbage collector, later.
+        self.__dict__.pop("dataReceived", None)
         self.factory.connection_closed(self)
 
 
