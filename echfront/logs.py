@@ -129,6 +129,17 @@ def _text_event(event: dict[str, Any]) -> str:
     when = int(event.get("log_time", time.time()))
     if when != _time_cache[0]:
         _time_cache[:] = [when, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))]
+    text = event.get("text")
+    if (
+        event.get(CONNECTION_EVENT)
+        and event.get("log_level") is LogLevel.info
+        and event.get("log_format") == _CONNECTION_FORMAT
+        and type(text) is str
+    ):
+        # A connection's line (one per connection): the general path below
+        # would find the same level, text and no failure, call by call.
+        text = text.replace("\n", "\n\t")
+        return f"{_time_cache[1]} [{event.get('log_namespace', '-')}#info] connection {text}\n"
     level_name = _level_name(event)
     text = _event_text(event).replace("\n", "\n\t")
     failure = event.get("log_failure")

@@ -289,6 +289,18 @@ def test_text_observer_lines() -> None:
     assert SECRET_NAME not in line
 
 
+def test_text_observer_continues_a_multi_line_close_reason_with_a_tab() -> None:
+    stream = io.StringIO()
+    observer = text_observer(stream)
+    with capturedLogs() as events:
+        log_connection(record(accepted(), close_reason="one\ntwo"), 101.0, log_server_names=False)
+    observer(events[0])
+    observer.flush()
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith(" close_reason=one")
+    assert second.startswith("\ttwo zero_copy=False")
+
+
 # -- buffering ---------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ sockets (:mod:`echfront.front.leanrelay`).
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import struct
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from zope.interface import implementer
 from echfront.ech.decoder import ClientHelloInfo, ECHDecoder, ECHStatus
 from echfront.ech.keyset import KeySet, generate_key
 from echfront.errors import AlertDescription
+from echfront.front.backend import BackendProtocol
 from echfront.front.connection import ConnectionRecord, StreamTransport
 from echfront.front.deadlines import DeadlineClock
 from echfront.front.engine import AVAILABLE
@@ -689,6 +691,34 @@ class HalfCloseTests(RelayTestCase):
         self.assertTrue(bytes(backend.data).endswith(APP_DATA))
         self.assertEqual(backend.events[-1], "lost")
         self.assertNotIn("abortConnection", backend_pipe.client.calls)
+
+    def test_closed_connections_do_not_wait_for_the_garbage_collector(self) -> None:
+        # Once both sides have closed, nothing of the relay may be held in a
+        # reference cycle: reference counting frees it at once.
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for hello in (plain_hello(), seal_hello(KEY.config).records):
+            pipe, _front, _client, backend_pipe, _backend = self.relay_to(hello)
+            backend_pipe.server.write(server_hello())
+            self.net.flush()
+            pipe.client.loseConnection()
+            self.net.flush()
+        self.assertEqual(self.factory.open_connections, 0)
+        del pipe, _front, _client, backend_pipe, _backend
+        for link in self.net.pipes:
+            # Twisted's transports forget their protocol once it is lost; the
+            # test's memory transports keep it, a cycle that is not the front's.
+            link.client.protocol = link.server.protocol = None  # type: ignore[assignment]
+        self.net = self.backends = None  # type: ignore[assignment]
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            left = {type(o) for o in gc.garbage} & {FrontProtocol, Relay, BackendProtocol}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(left, set())
 
 
 class ProxyProtocolTests(RelayTestCase):

@@ -80,8 +80,37 @@ class BackendProtocol(TwistedProtocol):
         """Our FIN to the backend went out; nothing to do."""
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
-        """The backend connection is gone."""
-        self.listener.backend_lost(reason)
+        """The backend connection is gone.
+
+        The listener and the sink it bound both point back at the listener's
+        side, which points here: dropped, so reference counting frees the
+        connection at once rather than the garbage collector, later.
+        """
+        listener, self.listener = self.listener, _DETACHED
+        self.__dict__.pop("dataReceived", None)
+        listener.backend_lost(reason)
+
+
+class _Detached:
+    """The listener of a backend connection that has ended: nothing is reported."""
+
+    def connected(self, peer: BackendProtocol) -> None:
+        """Too late to be told."""
+
+    def connect_failed(self, failure: Failure) -> None:
+        """Too late to be told."""
+
+    def from_backend(self, data: bytes) -> None:
+        """Too late to be told."""
+
+    def backend_eof(self) -> None:
+        """Too late to be told."""
+
+    def backend_lost(self, reason: Failure) -> None:
+        """Too late to be told."""
+
+
+_DETACHED: BackendListener = _Detached()
 
 
 class _EndpointFactory(Factory):
@@ -111,7 +140,13 @@ class _DirectFactory(ClientFactory):
         return BackendProtocol(self.listener, announce=True)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        self.listener.connect_failed(reason)
+        listener, self.listener = self.listener, _DETACHED
+        listener.connect_failed(reason)
+
+    def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
+        # Twisted's connector and its transport keep each other (and so this
+        # factory) until a collection: let that cycle hold nothing of ours.
+        self.listener = _DETACHED
 
 
 def _timed_out(result: object, timeout: float) -> object:

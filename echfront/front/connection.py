@@ -67,6 +67,11 @@ class StreamTransport(Protocol):
     def unregisterProducer(self) -> None: ...
 
 
+#: Each ECH outcome's name (its value), looked up in a dict: Enum.value is
+#: a descriptor call, and every connection's metrics and log line ask.
+_ECH_NAMES = {status: status.value for status in ECHStatus}
+
+
 @dataclass(slots=True)
 class ConnectionRecord:
     """Facts about one connection, filled in as it progresses (for logs, metrics).
@@ -97,7 +102,7 @@ class ConnectionRecord:
     @property
     def ech(self) -> str:
         """The ECH outcome as logs and metrics name it; ``error`` before decoding."""
-        return "error" if self.hello is None else self.hello.status.value
+        return "error" if self.hello is None else _ECH_NAMES[self.hello.status]
 
 
 class ClientSide(Protocol):

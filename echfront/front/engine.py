@@ -285,8 +285,10 @@ class LeanEngine:
                         target.events(mask)
                     except Exception:
                         target.crashed(Failure())
-                self.run_soon()
-                stale.clear()
+                if self._soon:
+                    self.run_soon()
+                if stale:
+                    stale.clear()
                 if self.spliced >= _BULK_BYTES:
                     break
         finally:

@@ -152,7 +152,6 @@ class Relay:
         )
         #: Called after each relayed chunk (see _SPLICE_AFTER).
         self._splicing = settings.splice and splice.AVAILABLE and self._fd_reactor is not None
-        self._watch: Callable[[], None] = self._watch_bulk if self._splicing else _nothing
         #: Total bytes relayed at which to splice; None: not (or no longer) watching.
         self._splice_at: int | None = None
         self._connect_started = 0.0
@@ -264,7 +263,7 @@ class Relay:
         """The backend's first handshake message is known: its direction needs no watching."""
         assert self._peer is not None
         self._peer.dataReceived = _counted_to_client(  # type: ignore[method-assign,assignment]
-            self.client.record, self.client.transport.write, self._watch
+            self.client.record, self.client.transport.write, self._after_chunk()
         )
         if watch.hello_retry:
             self.client.record.hello_retry = True
@@ -291,10 +290,21 @@ class Relay:
         self._inspecting = False
         self._hello_watch = None
         record = self.client.record
-        self.client.set_input(_counted_from_client(record, self._peer.transport.write, self._watch))
+        self.client.set_input(
+            _counted_from_client(record, self._peer.transport.write, self._after_chunk())
+        )
         self.client.handshake_done()
         if self._splicing:
             self._splice_at = record.bytes_from_client + record.bytes_to_client + _SPLICE_AFTER
+
+    def _after_chunk(self) -> Callable[[], None]:
+        """What to call after each relayed chunk (see _SPLICE_AFTER).
+
+        Asked when a direction's sink is built, not kept on the relay: a
+        bound method of its own would make a reference cycle, and the relay
+        would wait for the garbage collector to be freed.
+        """
+        return self._watch_bulk if self._splicing else _nothing
 
     def _watch_bulk(self) -> None:
         """After a relayed chunk: start splicing once the connection carries bulk data."""
@@ -357,7 +367,7 @@ class Relay:
     def _fast_path_both(self) -> None:
         assert self._peer is not None
         self._peer.dataReceived = _counted_to_client(  # type: ignore[method-assign,assignment]
-            self.client.record, self.client.transport.write, self._watch
+            self.client.record, self.client.transport.write, self._after_chunk()
         )
         self._fast_path_client()
 
