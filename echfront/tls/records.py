@@ -18,7 +18,7 @@ flight may not exceed ``max_bytes``; no input makes them buffer more.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from echfront.errors import DecodeError, IllegalParameter, RecordOverflow, UnexpectedMessage
 
@@ -127,9 +127,12 @@ def _check_first_byte(content_type: int) -> None:
         raise UnexpectedMessage(f"unknown TLS record type {content_type}")
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeFlight:
+class HandshakeFlight(NamedTuple):
     """One reassembled handshake message and the bytes around it.
+
+    A named tuple: two are built per connection (the ClientHello's, the
+    ServerHello's), and a tuple builds in a quarter of a frozen
+    dataclass's time.
 
     :ivar message: the handshake message, 4-byte header included.
     :ivar records: the raw records that carried it, exactly as received.
