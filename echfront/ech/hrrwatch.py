@@ -41,6 +41,7 @@ from echfront.tls.records import (
     CONTENT_ALERT,
     CONTENT_APPLICATION_DATA,
     CONTENT_CHANGE_CIPHER_SPEC,
+    CONTENT_HANDSHAKE,
     HandshakeReader,
     RecordSplitter,
 )
@@ -75,6 +76,11 @@ def _is_hello_retry(message: bytes) -> bool:
 #: header and the 2-byte legacy_version.
 _RANDOM_AT = 6
 _RANDOM_END = _RANDOM_AT + len(HRR_RANDOM)
+#: The same in the backend's first bytes, a record (5-byte header) that
+#: starts with the ServerHello.
+_RECORD_HEADER = 5
+_FIRST_RANDOM_AT = _RECORD_HEADER + _RANDOM_AT
+_FIRST_RANDOM_END = _RECORD_HEADER + _RANDOM_END
 
 
 class HelloRetryWatch:
@@ -102,9 +108,9 @@ class HelloRetryWatch:
         """Watch from the first ClientHello's hand-off to the backend."""
         self._second: SecondHelloDecoder | None = second
         self._max_second_hello = max_second_hello
-        self._server_reader: HandshakeReader | None = HandshakeReader(
-            HANDSHAKE_SERVER_HELLO, require_boundary=False
-        )
+        #: Made only if the first read from the backend does not settle it
+        #: (see :meth:`from_server`).
+        self._server_reader: HandshakeReader | None = None
         self._splitter: RecordSplitter | None = RecordSplitter()
         self._second_reader: HandshakeReader | None = None
         self.server_done = False
@@ -125,9 +131,27 @@ class HelloRetryWatch:
         :raises AlertError: for what the client sent (held bytes that cannot
             start a second ClientHello).
         """
+        if self.server_done:
+            return True
         reader = self._server_reader
         if reader is None:
-            return True
+            if (
+                len(data) >= _FIRST_RANDOM_END
+                and data[0] == CONTENT_HANDSHAKE
+                and data[5] == HANDSHAKE_SERVER_HELLO
+                and (data[3] << 8 | data[4]) >= _FIRST_RANDOM_END - _RECORD_HEADER
+                and data[_FIRST_RANDOM_AT:_FIRST_RANDOM_END] != HRR_RANDOM
+            ):
+                # The usual first read: a record that starts a ServerHello
+                # and holds its random, which is not the HelloRetryRequest
+                # value; so it is not one, however the rest parses, and it
+                # needs no reassembly (a candidate HRR, a ServerHello cut
+                # short or split finely, anything else: the reader below).
+                self._server_said(False, forward)
+                return True
+            reader = self._server_reader = HandshakeReader(
+                HANDSHAKE_SERVER_HELLO, require_boundary=False
+            )
         try:
             flight = reader.feed(data)
         except AlertError:
