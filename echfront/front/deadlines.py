@@ -68,7 +68,8 @@ class Deadline:
 
     def cancel(self) -> None:
         """Never run it (its queue entry is skipped when its time comes)."""
-        self._check_pending()
+        if self.state != "pending":  # tested here: every connection cancels one
+            self._check_pending()
         self.state = "cancelled"
         self.func = _nothing
         self.args = ()
@@ -77,9 +78,11 @@ class Deadline:
 
     def reset(self, seconds_from_now: float) -> None:
         """Make it due ``seconds_from_now``."""
-        self._check_pending()
-        self.time = self._clock.seconds() + seconds_from_now
-        self._clock.requeue(self)
+        if self.state != "pending":
+            self._check_pending()
+        clock = self._clock
+        self.time = clock.reactor.seconds() + seconds_from_now
+        clock.requeue(self)
 
     def delay(self, seconds_later: float) -> None:
         """Make it due ``seconds_later`` than now planned."""
