@@ -10,8 +10,9 @@ instructions do not say which Python function ran them.  This benchmark
 counts the bytecodes every Python function of the front executes over a
 fixed number of handshakes, with ``sys.settrace`` and per-opcode events
 (``benchmarks/opcount_site/sitecustomize.py``, put first on the front's
-``PYTHONPATH``): exact counts, the same whatever the machine is doing, and
-a list of the functions that cost the most.  ``split`` against ``bare``
+``PYTHONPATH``; the frames already running, an event loop's, are counted
+from then on too): exact counts, the same whatever the machine is doing,
+and a list of the functions that cost the most.  ``split`` against ``bare``
 (benchmarks/barefront.py, the smallest front on echfront's decoder) shows
 what the engine, the Protocol/Factory API, limits, deadlines, metrics and
 the log line add on top of the floor, function by function.

@@ -7,8 +7,9 @@ directory: the file ``on`` starts counting, ``off`` stops it and writes
 ``counts.<pid>.json`` (per function: bytecodes executed and calls).
 
 Counting uses ``sys.settrace`` with per-opcode events (``f_trace_opcodes``)
-on frames entered while on; it makes the front many times slower, but the
-counts are exact and do not depend on what else the machine is doing.
+on frames entered while on, and on the main thread's frames running when
+it starts; it makes the front many times slower, but the counts are exact
+and do not depend on what else the machine is doing.
 """
 
 from __future__ import annotations
@@ -30,9 +31,25 @@ _calls: Counter[CodeType] = Counter()
 
 
 def _local(frame: FrameType, event: str, arg: Any) -> Any:
+    if not _counting[0]:
+        return None
     if event == "opcode":
         _opcodes[frame.f_code] += 1
     return _local
+
+
+def _trace_running_frames() -> None:
+    """Count the main thread's frames already running too (its event loop).
+
+    ``sys.settrace`` reaches only frames entered from now on; a front's
+    loop runs in a frame entered long before (``bare``'s poll loop, the
+    reactor's main loop), whose own bytecodes would otherwise be missed.
+    """
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        frame.f_trace = _local
+        frame.f_trace_opcodes = True
+        frame = frame.f_back
 
 
 def _global(frame: FrameType, event: str, arg: Any) -> Any:
@@ -61,6 +78,7 @@ def _watch() -> None:
     while not os.path.exists(on):
         time.sleep(0.05)
     _counting[0] = True
+    _trace_running_frames()
     while not os.path.exists(off):
         time.sleep(0.05)
     _counting[0] = False

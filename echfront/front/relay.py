@@ -150,7 +150,7 @@ class Relay:
         self._fd_reactor: IReactorFDSet | None = (
             reactor if IReactorFDSet.providedBy(reactor) else None
         )
-        #: Called after each relayed chunk (see _SPLICE_AFTER).
+        #: Whether bulk data moves to splice(2) once it flows (see _SPLICE_AFTER).
         self._splicing = settings.splice and splice.AVAILABLE and self._fd_reactor is not None
         #: Total bytes relayed at which to splice; None: not (or no longer) watching.
         self._splice_at: int | None = None

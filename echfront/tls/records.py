@@ -130,9 +130,9 @@ def _check_first_byte(content_type: int) -> None:
 class HandshakeFlight(NamedTuple):
     """One reassembled handshake message and the bytes around it.
 
-    A named tuple: two are built per connection (the ClientHello's, the
-    ServerHello's), and a tuple builds in a quarter of a frozen
-    dataclass's time.
+    A named tuple: one is built per connection (two when the backend's
+    ServerHello needs reassembling), and a tuple builds in a quarter of a
+    frozen dataclass's time.
 
     :ivar message: the handshake message, 4-byte header included.
     :ivar records: the raw records that carried it, exactly as received.
