@@ -82,8 +82,8 @@ _SKIP = frozenset(
 _CONNECTION_FORMAT = "connection {text}"
 
 
-def _event_text(event: dict[str, Any]) -> str:
-    """The event's message, as ``twisted.logger.formatEvent`` renders it."""
+def _connection_text(event: dict[str, Any]) -> str | None:
+    """A connection event's message (its text is pre-rendered), else None."""
     text = event.get("text")
     if (
         event.get(CONNECTION_EVENT)
@@ -91,7 +91,13 @@ def _event_text(event: dict[str, Any]) -> str:
         and isinstance(text, str)
     ):
         return "connection " + text
-    return formatEvent(event)
+    return None
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    """The event's message, as ``twisted.logger.formatEvent`` renders it."""
+    text = _connection_text(event)
+    return formatEvent(event) if text is None else text
 
 
 def _level_name(event: dict[str, Any]) -> str:
@@ -129,17 +135,12 @@ def _text_event(event: dict[str, Any]) -> str:
     when = int(event.get("log_time", time.time()))
     if when != _time_cache[0]:
         _time_cache[:] = [when, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))]
-    text = event.get("text")
-    if (
-        event.get(CONNECTION_EVENT)
-        and event.get("log_level") is LogLevel.info
-        and event.get("log_format") == _CONNECTION_FORMAT
-        and type(text) is str
-    ):
-        # A connection's line (one per connection): the general path below
-        # would find the same level, text and no failure, call by call.
+    text = _connection_text(event)
+    if text is not None and event.get("log_level") is LogLevel.info:
+        # A connection's line (one per connection): it has no failure, and
+        # its level is known.
         text = text.replace("\n", "\n\t")
-        return f"{_time_cache[1]} [{event.get('log_namespace', '-')}#info] connection {text}\n"
+        return f"{_time_cache[1]} [{event.get('log_namespace', '-')}#info] {text}\n"
     level_name = _level_name(event)
     text = _event_text(event).replace("\n", "\n\t")
     failure = event.get("log_failure")

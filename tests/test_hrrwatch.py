@@ -10,11 +10,15 @@ paths (RFC 8446 §4.1.3; RFC 9849 §7.1.1).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from echfront.ech import hrrwatch
 from echfront.ech.decoder import ECHDecoder
 from echfront.ech.hrrwatch import HelloRetryWatch
 from echfront.ech.keyset import KeySet
+from echfront.tls.hello import HANDSHAKE_SERVER_HELLO
 from echfront.tls.records import HandshakeReader
 from tests.echhello import InnerSpec, frame, seal_hello
 from tests.test_relay import KEY
@@ -62,11 +66,24 @@ def test_a_server_hello_is_known_and_held_client_bytes_follow(step: int) -> None
     assert released == [CLIENT_CCS[:3]]
 
 
-def test_a_server_hello_in_one_read_needs_no_reader() -> None:
+@pytest.fixture
+def readers_made(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The message types of the handshake readers the watch makes (after setup)."""
+    made: list[int] = []
+
+    def counting(message_type: int, **options: Any) -> HandshakeReader:
+        made.append(message_type)
+        return HandshakeReader(message_type, **options)
+
+    monkeypatch.setattr(hrrwatch, "HandshakeReader", counting)
+    return made
+
+
+def test_a_server_hello_in_one_read_needs_no_reader(readers_made: list[int]) -> None:
     subject = watch()
     assert subject.from_server(server_hello()[:43], nothing_released)
     assert subject.server_done and not subject.hello_retry
-    assert subject._server_reader is None
+    assert readers_made == []
 
 
 @pytest.mark.parametrize("step", [4096, 1, 43])
@@ -80,12 +97,14 @@ def test_a_hello_retry_request_is_found_however_it_is_cut(step: int, sizes: list
 
 
 @pytest.mark.parametrize("sizes", [[10], [37]], ids=["10", "37"])
-def test_a_server_hello_in_small_records_goes_through_the_reader(sizes: list[int]) -> None:
+def test_a_server_hello_in_small_records_goes_through_the_reader(
+    sizes: list[int], readers_made: list[int]
+) -> None:
     subject = watch()
     data = resplit(server_hello(), sizes)
     assert subject.from_server(data, nothing_released)
     assert subject.server_done and not subject.hello_retry
-    assert subject._server_reader is None  # released once known
+    assert readers_made == [HANDSHAKE_SERVER_HELLO]
 
 
 def test_an_alert_first_steps_aside() -> None:

@@ -42,6 +42,7 @@ from echfront.tls.records import (
     CONTENT_APPLICATION_DATA,
     CONTENT_CHANGE_CIPHER_SPEC,
     CONTENT_HANDSHAKE,
+    HEADER_LENGTH,
     HandshakeReader,
     RecordSplitter,
 )
@@ -76,11 +77,9 @@ def _is_hello_retry(message: bytes) -> bool:
 #: header and the 2-byte legacy_version.
 _RANDOM_AT = 6
 _RANDOM_END = _RANDOM_AT + len(HRR_RANDOM)
-#: The same in the backend's first bytes, a record (5-byte header) that
-#: starts with the ServerHello.
-_RECORD_HEADER = 5
-_FIRST_RANDOM_AT = _RECORD_HEADER + _RANDOM_AT
-_FIRST_RANDOM_END = _RECORD_HEADER + _RANDOM_END
+#: The same in the backend's first bytes, a record that starts with the ServerHello.
+_FIRST_RANDOM_AT = HEADER_LENGTH + _RANDOM_AT
+_FIRST_RANDOM_END = HEADER_LENGTH + _RANDOM_END
 
 
 class HelloRetryWatch:
@@ -139,7 +138,7 @@ class HelloRetryWatch:
                 len(data) >= _FIRST_RANDOM_END
                 and data[0] == CONTENT_HANDSHAKE
                 and data[5] == HANDSHAKE_SERVER_HELLO
-                and (data[3] << 8 | data[4]) >= _FIRST_RANDOM_END - _RECORD_HEADER
+                and (data[3] << 8 | data[4]) >= _RANDOM_END
                 and data[_FIRST_RANDOM_AT:_FIRST_RANDOM_END] != HRR_RANDOM
             ):
                 # The usual first read: a record that starts a ServerHello

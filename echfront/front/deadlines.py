@@ -80,9 +80,8 @@ class Deadline:
         """Make it due ``seconds_from_now``."""
         if self.state != "pending":
             self._check_pending()
-        clock = self._clock
-        self.time = clock.reactor.seconds() + seconds_from_now
-        clock.requeue(self)
+        self.time = self._clock.seconds() + seconds_from_now
+        self._clock.requeue(self)
 
     def delay(self, seconds_later: float) -> None:
         """Make it due ``seconds_later`` than now planned."""

@@ -189,13 +189,8 @@ class LeanEngine:
 
     def closed(self, fd: int) -> None:
         """``fd`` is about to be closed: forget it (closing removes it from epoll)."""
-        targets = self._targets
-        targets.pop(fd, None)
-        # _forgotten, written out for the common case (every socket closes here).
-        if self._running:
-            self._closed_now.add(fd)
-        if not targets:
-            self._forgotten(fd)
+        self._targets.pop(fd, None)
+        self._forgotten(fd)
 
     def _forgotten(self, fd: int) -> None:
         if self._running:

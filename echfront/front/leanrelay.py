@@ -129,7 +129,6 @@ class LeanRelay:
         "_splice_at",
         "_splicing",
         "_watch",
-        "_watching_backend",
         "_watching_writes",
         "backend",
         "client",
@@ -174,11 +173,6 @@ class LeanRelay:
         self._deadline: IDelayedCall | None = None
         self._watch: HelloRetryWatch | None = None
         self._inspecting = False
-        #: Whether the backend's bytes still pass the HelloRetryRequest watch.
-        #: A flag, not a bound method kept on self: that would be a
-        #: reference cycle, and every connection would then wait for the
-        #: garbage collector to be freed.
-        self._watching_backend = True
         self._client_eof = False
         self._backend_eof = False
         self._done = False
@@ -297,7 +291,6 @@ class LeanRelay:
             if pending:
                 record.bytes_from_client += len(pending)
                 self._send(pending)
-            self._watching_backend = False
             self._fast_path_client()
         # Flow control the other way: a full client socket pauses backend reads.
         self.transport.registerProducer(self, True)
@@ -352,10 +345,12 @@ class LeanRelay:
             if not size:
                 self._backend_ended()
                 return
-            if self._watching_backend:
-                self._from_backend_watched(bytes(buffer[:size]))
-            else:
+            # Until the client direction is settled, the watch sees the
+            # backend's bytes (it lets them pass once the ServerHello is known).
+            if self._watch is None:
                 self._from_backend_fast(bytes(buffer[:size]))
+            else:
+                self._from_backend_watched(bytes(buffer[:size]))
             if self._reads_paused or self._done or self._link is not None:
                 return
             if size < RECV_SIZE and not to_end:
@@ -385,7 +380,6 @@ class LeanRelay:
 
     def _server_said(self, watch: HelloRetryWatch) -> None:
         """The backend's first handshake message is known: its direction needs no watching."""
-        self._watching_backend = False
         if watch.hello_retry:
             self.client.record.hello_retry = True
             self.metrics.hello_retry_requests.inc()
