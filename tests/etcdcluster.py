@@ -113,7 +113,7 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _write_tls_files(directory: Path) -> TLSFiles:
+def write_tls_files(directory: Path) -> TLSFiles:
     """A CA, a server certificate for IP 127.0.0.1 and a client certificate."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -220,7 +220,7 @@ class EtcdCluster:
             raise EtcdStartError(ETCD_MISSING or "etcd not found")
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.directory = Path(tempfile.mkdtemp(prefix="etcd-test-", dir=base))
-        self.tls_files = _write_tls_files(self.directory) if tls else None
+        self.tls_files = write_tls_files(self.directory) if tls else None
         self.client_cert = client_cert
         self.password = password
         self.scheme = "https" if tls else "http"

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -101,10 +103,13 @@ class ExitListenerTests(TestCase):
 
     def _connect(self, cert: Path | None, key: Path | None) -> Deferred[BaseException]:
         trust = Certificate.loadPEM(self.link.ca.read_bytes())
-        client_cert = None
+        # The client certificate as cryptography objects (pyOpenSSL's own
+        # types are deprecated there), as echfront's etcd client passes it.
+        client: dict[str, object] = {}
         if cert is not None and key is not None:
-            client_cert = PrivateCertificate.loadPEM(cert.read_bytes() + key.read_bytes())
-        options = optionsForClientTLS(EXIT_NAME, trustRoot=trust, clientCertificate=client_cert)
+            client["certificate"] = x509.load_pem_x509_certificate(cert.read_bytes())
+            client["privateKey"] = serialization.load_pem_private_key(key.read_bytes(), None)
+        options = optionsForClientTLS(EXIT_NAME, trustRoot=trust, extraCertificateOptions=client)
         number = self.port.getHost().port
         endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", number))
         lost: Deferred[BaseException] = Deferred()

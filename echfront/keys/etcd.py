@@ -35,12 +35,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import treq
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -81,23 +83,31 @@ class _TLSPolicy:
                 if settings.ca_file is not None
                 else None
             )
-            self._client = (
-                PrivateCertificate.loadPEM(
-                    settings.cert_file.read_bytes() + b"\n" + settings.key_file.read_bytes()
-                )
-                if settings.cert_file is not None and settings.key_file is not None
-                else None
-            )
+            # The client certificate goes to pyOpenSSL as cryptography
+            # objects: its own X509 and PKey types are deprecated there, and
+            # Twisted's clientCertificate argument would hand those over.
+            self._client: dict[str, object] = {}
+            if settings.cert_file is not None and settings.key_file is not None:
+                certificate = x509.load_pem_x509_certificate(settings.cert_file.read_bytes())
+                key = serialization.load_pem_private_key(settings.key_file.read_bytes(), None)
+                self._client = {"certificate": certificate, "privateKey": key}
         except OSError as error:
             where = error.filename
             raise ConfigError(f"etcd TLS: cannot read {where} ({error.strerror})") from None
         except Exception as error:  # OpenSSL's errors for a malformed PEM file
             raise ConfigError(f"etcd TLS: unreadable certificate or key ({error})") from None
+        if self._client and key.public_key() != certificate.public_key():
+            # Found here, not by the first TLS handshake, at start-up.
+            raise ConfigError(
+                f"etcd TLS: {settings.key_file} is not the key of {settings.cert_file}"
+            )
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         """TLS options for one endpoint (RFC 6125 name check, IP addresses included)."""
         return optionsForClientTLS(
-            hostname.decode("ascii"), trustRoot=self._trust, clientCertificate=self._client
+            hostname.decode("ascii"),
+            trustRoot=self._trust,
+            extraCertificateOptions=dict(self._client),
         )
 
 
