@@ -39,7 +39,13 @@ Fronts compared in one run (every one in front of the same kind of Go
 * ``bare``: Go ECH client through benchmarks/barefront.py, the smallest
   split-mode front on echfront's decoder and router (one epoll loop, no
   Twisted, no metrics, logs, limits or deadlines): the floor of a Python
-  front, for reading ``split``'s ratio to haproxy.
+  front, for reading ``split``'s ratio to haproxy;
+* ``go-split``: Go ECH client through ``echtest split-front``
+  (tests/go/splitfront.go), a minimal split-mode front in compiled Go
+  (crypto/hpke, a goroutine and a 16 KiB buffer per direction, copying
+  as frontbench's haproxy does; one backend, no routing table, logs,
+  limits or alerts):
+  the reference for "a per-connection cost near the compiled fronts".
 
 The echfront fronts log connections with echfront's buffered text observer
 (``--logger=echfront.logs.text_observer``).
@@ -168,6 +174,7 @@ FRONTS = (
     "twisted-quiet",
     "workers2",
     "bare",
+    "go-split",
 )
 #: Fronts run only when named in ``--fronts``.
 EXTRA_FRONTS = ("workers2-onecpu",)
@@ -558,15 +565,20 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
             assert proxy.proc is not None
             yield Target(front, f"127.0.0.1:{port}", SECRET, None, [proxy.proc.pid], backend)
             return
+
+        def pinned(argv: list[str], port: int, log_name: str, ech: bytes | None) -> Target:
+            """Start a one-process front on the front's CPU; its target."""
+            with ctx.pinning.spawning(ctx.pinning.front):
+                process = stack.enter_context(ListeningProcess(argv, workdir, port, log_name))
+            assert process.proc is not None
+            address = f"127.0.0.1:{port}"
+            return Target(front, address, SECRET, ech, [process.proc.pid], backend)
+
         if front in ("twisted", "twisted-quiet"):
             port = free_port()
             argv = portforward_command(port, backend.port, quiet=front == "twisted-quiet")
-            with ctx.pinning.spawning(ctx.pinning.front):
-                forwarder = stack.enter_context(ListeningProcess(argv, workdir, port, "twistd.log"))
-            assert forwarder.proc is not None
-            yield Target(front, f"127.0.0.1:{port}", SECRET, None, [forwarder.proc.pid], backend)
+            yield pinned(argv, port, "twistd.log", None)
             return
-
         if front == "bare":
             port = free_port()
             config = echfront_config(pki, port, backend.port, ctx.local_app)
@@ -576,11 +588,13 @@ def start_target(ctx: Context, front: str, repeat: int) -> Iterator[Target]:
             config_path.write_text(to_toml(config))
             script = str(Path(__file__).resolve().parent / "barefront.py")
             argv = [sys.executable, script, str(config_path), str(port)]
-            with ctx.pinning.spawning(ctx.pinning.front):
-                bare = stack.enter_context(ListeningProcess(argv, workdir, port, "bare.log"))
-            assert bare.proc is not None
-            ech = pki.ech_config_list
-            yield Target(front, f"127.0.0.1:{port}", SECRET, ech, [bare.proc.pid], backend)
+            yield pinned(argv, port, "bare.log", pki.ech_config_list)
+            return
+        if front == "go-split":
+            port = free_port()
+            argv = [str(go_binary()), "split-front", "-listen", f"127.0.0.1:{port}"]
+            argv += ["-backend", backend.address, "-ech-key", str(pki.ech_key)]
+            yield pinned(argv, port, "go.log", pki.ech_config_list)
             return
 
         port = free_port()

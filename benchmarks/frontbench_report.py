@@ -40,7 +40,7 @@ TARGETS: dict[str, tuple[str, str, float]] = {
 #: Reference ratios (numerator front, denominator front) of front CPU per
 #: handshake, reported when both ran: every front against haproxy, the lean
 #: engine against Twisted's transports, and split mode against its floor
-#: (``bare``, benchmarks/barefront.py).
+#: (``bare``, benchmarks/barefront.py) and a compiled front (``go-split``).
 REFERENCES: tuple[tuple[str, str], ...] = (
     ("split", "haproxy"),
     ("split-twisted", "haproxy"),
@@ -49,9 +49,11 @@ REFERENCES: tuple[tuple[str, str], ...] = (
     ("twisted", "haproxy"),
     ("twisted-quiet", "haproxy"),
     ("bare", "haproxy"),
+    ("go-split", "haproxy"),
     ("split", "split-twisted"),
     ("local", "local-twisted"),
     ("split", "bare"),
+    ("split", "go-split"),
 )
 #: The bench_decoder.py figure the decoder target is about.
 DECODER_KEY = "full: reassemble + decode, X25519"
@@ -360,6 +362,7 @@ def chart(report: JSON, path: Path) -> str | None:
         "twisted": "C4",
         "twisted-quiet": "C6",
         "bare": "C5",
+        "go-split": "tab:olive",
     }
     for ax, (key, title, reference, factor, label) in zip(axes.flat, panels, strict=True):
         fronts = [f for f in summary if summary[f][key]["n"]]

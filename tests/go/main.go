@@ -16,10 +16,13 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 func main() {
@@ -69,6 +72,25 @@ func (w *jsonLines) printf(format string, args ...any) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	_, _ = fmt.Fprintf(w.f, format, args...)
+}
+
+// listenAnnounced listens on addr, prints the LISTENING line and closes the
+// listener on SIGTERM or SIGINT (handled before the line is printed, so that
+// a test stopping the process at once still gets a clean exit).
+func listenAnnounced(addr string) (net.Listener, error) {
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		signal.Stop(signals)
+		return nil, err
+	}
+	stdout.printf("LISTENING %s\n", ln.Addr())
+	go func() {
+		<-signals
+		ln.Close()
+	}()
+	return ln, nil
 }
 
 // stringList is a repeatable string flag.

@@ -35,16 +35,11 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/signal"
 	"sort"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 )
-
-// maxReplayHello bounds the ClientHello the backend reads.
-const maxReplayHello = 1 << 16
 
 // replayScript is the exchange after the ClientHello.
 type replayScript struct {
@@ -114,31 +109,6 @@ func loadScript(path string) (*replayScript, error) {
 	return script, nil
 }
 
-// readHello reads TLS records until one whole handshake message is in.
-func readHello(conn net.Conn) error {
-	header := make([]byte, 5)
-	var message []byte
-	for {
-		if _, err := io.ReadFull(conn, header); err != nil {
-			return fmt.Errorf("ClientHello record header: %w", err)
-		}
-		if header[0] != 22 {
-			return fmt.Errorf("record type %d before the ClientHello", header[0])
-		}
-		body := make([]byte, int(header[3])<<8|int(header[4]))
-		if _, err := io.ReadFull(conn, body); err != nil {
-			return fmt.Errorf("ClientHello record: %w", err)
-		}
-		message = append(message, body...)
-		if len(message) > maxReplayHello {
-			return errors.New("ClientHello too long")
-		}
-		if len(message) >= 4 && len(message) >= 4+(int(message[1])<<16|int(message[2])<<8|int(message[3])) {
-			return nil
-		}
-	}
-}
-
 func runReplayBackend(args []string) int {
 	fs := flag.NewFlagSet("replay-backend", flag.ContinueOnError)
 	listen := fs.String("listen", "127.0.0.1:0", "address to listen on")
@@ -152,18 +122,11 @@ func runReplayBackend(args []string) int {
 		fmt.Fprintln(os.Stderr, "replay-backend:", err)
 		return 2
 	}
-	ln, err := net.Listen("tcp", *listen)
+	ln, err := listenAnnounced(*listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "replay-backend:", err)
 		return 1
 	}
-	stdout.printf("LISTENING %s\n", ln.Addr())
-	signals := make(chan os.Signal, 1)
-	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
-	go func() {
-		<-signals
-		ln.Close()
-	}()
 	var failures atomic.Int64
 	for {
 		conn, err := ln.Accept()
@@ -182,8 +145,8 @@ func runReplayBackend(args []string) int {
 }
 
 func serveReplay(conn net.Conn, script *replayScript) error {
-	if err := readHello(conn); err != nil {
-		return err
+	if _, _, err := readClientHello(conn); err != nil {
+		return fmt.Errorf("ClientHello: %w", err)
 	}
 	for i, answer := range script.Answers {
 		if _, err := conn.Write(answer); err != nil {
