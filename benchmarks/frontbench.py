@@ -44,8 +44,8 @@ Fronts compared in one run (every one in front of the same kind of Go
   (tests/go/splitfront.go), a minimal split-mode front in compiled Go
   (crypto/hpke, a goroutine and a 16 KiB buffer per direction, copying
   as frontbench's haproxy does; one backend, no routing table, logs,
-  limits or alerts):
-  the reference for "a per-connection cost near the compiled fronts".
+  limits or alerts): the reference for "a per-connection cost near the
+  compiled fronts".
 
 The echfront fronts log connections with echfront's buffered text observer
 (``--logger=echfront.logs.text_observer``).
