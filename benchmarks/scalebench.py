@@ -7,7 +7,7 @@ Usage::
                                     [--json FILE]
 
 frontbench.py's load is real: a Go ECH client and a Go TLS backend, which
-together spend about three times the front's CPU on every handshake.  On a
+together spend about 2.5 times the front's CPU on every handshake.  On a
 machine with two vCPUs that leaves no core for a second worker, and its
 ``workers2`` figure measures the sharing of CPUs as much as the front.  This
 benchmark keeps the front's work the same and makes the load cheap:

@@ -30,6 +30,7 @@ var kemForCurve = map[ecdh.Curve]uint16{
 // echConfig is the part of a parsed ECHConfig that key matching needs.
 type echConfig struct {
 	raw       []byte // the whole ECHConfig (version, length, contents), as Go wants it
+	configID  byte
 	kemID     uint16
 	publicKey []byte
 }
@@ -97,7 +98,7 @@ func parseECHConfigList(list []byte) ([]echConfig, error) {
 			continue
 		}
 		c := &byteReader{b: contents}
-		c.u8() // config_id
+		configID := c.u8()
 		kem := c.u16()
 		pub := c.vec16()
 		c.vec16() // cipher_suites
@@ -109,6 +110,7 @@ func parseECHConfigList(list []byte) ([]echConfig, error) {
 		}
 		configs = append(configs, echConfig{
 			raw:       bytes.Clone(start[:4+len(contents)]),
+			configID:  byte(configID),
 			kemID:     uint16(kem),
 			publicKey: pub,
 		})
@@ -125,9 +127,15 @@ type echPrivateKey struct {
 	public  []byte
 }
 
-// loadECHKeyFile reads an RFC 9934 PEM file (PRIVATE KEY + ECHCONFIG) and
-// returns one EncryptedClientHelloKey per ECHConfig matching the private key.
-func loadECHKeyFile(path string, sendAsRetry bool) ([]tls.EncryptedClientHelloKey, error) {
+// echKeyPair is one ECHConfig of a key file and the private key that opens it.
+type echKeyPair struct {
+	config  echConfig
+	private []byte // HPKE SerializePrivateKey
+}
+
+// readECHKeyFile reads an RFC 9934 PEM file (PRIVATE KEY + ECHCONFIG) and
+// returns every ECHConfig matching the private key, with the key.
+func readECHKeyFile(path string) ([]echKeyPair, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
@@ -156,18 +164,31 @@ func loadECHKeyFile(path string, sendAsRetry bool) ([]tls.EncryptedClientHelloKe
 	if priv == nil || len(configs) == 0 {
 		return nil, fmt.Errorf("%s: need a PRIVATE KEY and an ECHCONFIG block", path)
 	}
-	var keys []tls.EncryptedClientHelloKey
+	var pairs []echKeyPair
 	for _, c := range configs {
 		if c.kemID == priv.kemID && bytes.Equal(c.publicKey, priv.public) {
-			keys = append(keys, tls.EncryptedClientHelloKey{
-				Config:      c.raw,
-				PrivateKey:  priv.private,
-				SendAsRetry: sendAsRetry,
-			})
+			pairs = append(pairs, echKeyPair{config: c, private: priv.private})
 		}
 	}
-	if len(keys) == 0 {
+	if len(pairs) == 0 {
 		return nil, fmt.Errorf("%s: no ECHConfig matches the private key", path)
+	}
+	return pairs, nil
+}
+
+// loadECHKeyFile is readECHKeyFile's pairs as crypto/tls server keys.
+func loadECHKeyFile(path string, sendAsRetry bool) ([]tls.EncryptedClientHelloKey, error) {
+	pairs, err := readECHKeyFile(path)
+	if err != nil {
+		return nil, err
+	}
+	keys := make([]tls.EncryptedClientHelloKey, len(pairs))
+	for i, pair := range pairs {
+		keys[i] = tls.EncryptedClientHelloKey{
+			Config:      pair.config.raw,
+			PrivateKey:  pair.private,
+			SendAsRetry: sendAsRetry,
+		}
 	}
 	return keys, nil
 }

@@ -3,8 +3,8 @@ package main
 // echtest replay-client / replay-backend: a cheap load for a split-mode
 // front, for benchmarks/scalebench.py.
 //
-// A real ECH handshake costs the Go client and the Go backend three times
-// what it costs the front, so on a small machine the load, not the front,
+// A real ECH handshake costs the Go client and the Go backend about 2.5
+// times what it costs the front, so on a small machine the load, not the front,
 // uses the CPUs: a front with several workers cannot be given a core each.
 // These two tools replay recorded bytes instead.  The client sends one of
 // a set of real ClientHelloOuter flights (captured from `echtest client`
@@ -21,9 +21,9 @@ package main
 // The script file (JSON) holds hex strings: "answers" are what the backend
 // writes (the first after the ClientHello, then one after each client
 // message), "client" what the client writes after each answer but the
-// last; each side checks what it reads against the script, so a front
-// that garbles or reorders relayed bytes fails the run.  The flights file
-// is a JSON list of hex strings.
+// last; each side checks what it reads after the ClientHello against the
+// script, so a front that garbles or reorders relayed bytes fails the run.
+// The flights file is a JSON list of hex strings.
 
 import (
 	"bytes"

@@ -33,9 +33,8 @@ import (
 )
 
 const (
-	extECH                  = 0xfe0d
-	extECHOuterExtensions   = 0xfd00
-	maxSplitFrontHelloBytes = 1 << 16
+	extensionECHOuterExtensions = 0xfd00
+	maxSplitFrontHelloBytes     = 1 << 16
 )
 
 // splitFrontKey is one ECHConfig and its HPKE private key.
@@ -93,21 +92,20 @@ func loadSplitFrontKeys(paths []string) (map[byte]splitFrontKey, error) {
 	}
 	keys := map[byte]splitFrontKey{}
 	for _, path := range paths {
-		loaded, err := loadECHKeyFile(path, false)
+		pairs, err := readECHKeyFile(path)
 		if err != nil {
 			return nil, err
 		}
-		for _, k := range loaded {
-			// ECHConfig: version(2) length(2) config_id(1) kem_id(2) ...
-			kem, err := hpke.NewKEM(binary.BigEndian.Uint16(k.Config[5:7]))
+		for _, pair := range pairs {
+			kem, err := hpke.NewKEM(pair.config.kemID)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", path, err)
 			}
-			private, err := kem.NewPrivateKey(k.PrivateKey)
+			private, err := kem.NewPrivateKey(pair.private)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", path, err)
 			}
-			keys[k.Config[4]] = splitFrontKey{config: k.Config, private: private}
+			keys[pair.config.configID] = splitFrontKey{config: pair.config.raw, private: private}
 		}
 	}
 	return keys, nil
@@ -134,7 +132,7 @@ func serveSplit(client *net.TCPConn, keys map[byte]splitFrontKey, backendAddr st
 	var records []byte
 	for rest := inner; len(rest) > 0; {
 		n := min(len(rest), 1<<14)
-		records = append(records, 22, byte(recordVersion>>8), byte(recordVersion), byte(n>>8), byte(n))
+		records = append(records, recordHandshake, byte(recordVersion>>8), byte(recordVersion), byte(n>>8), byte(n))
 		records = append(records, rest[:n]...)
 		rest = rest[n:]
 	}
@@ -166,14 +164,14 @@ func copyPlain(dst, src *net.TCPConn) {
 // in (split-front, and replay-backend for the one a front forwards); it
 // returns the first record's legacy_record_version and the message.
 func readClientHello(conn net.Conn) (uint16, []byte, error) {
-	header := make([]byte, 5)
+	header := make([]byte, recordHeaderLen)
 	var version uint16
 	var message []byte
 	for {
 		if _, err := io.ReadFull(conn, header); err != nil {
 			return 0, nil, err
 		}
-		if header[0] != 22 {
+		if header[0] != recordHandshake {
 			return 0, nil, errors.New("not a handshake record")
 		}
 		if version == 0 {
@@ -215,38 +213,29 @@ type helloExtension struct {
 var errMalformedHello = errors.New("malformed ClientHello")
 
 func parseHelloBody(body []byte) (*helloFields, error) {
-	at := 34
-	if len(body) < at+1 {
+	r := &byteReader{b: body}
+	offset := func() int { return len(body) - len(r.b) }
+	r.bytes(2 + 32) // legacy_version, random
+	h := &helloFields{sessionID: r.vec8()}
+	h.afterSID = offset()
+	r.vec16() // cipher_suites
+	r.vec8()  // legacy_compression_methods
+	h.extensions = offset()
+	block := r.vec16()
+	if r.err != nil {
 		return nil, errMalformedHello
 	}
-	sidEnd := at + 1 + int(body[at])
-	if len(body) < sidEnd+2 {
-		return nil, errMalformedHello
-	}
-	h := &helloFields{sessionID: body[at+1 : sidEnd], afterSID: sidEnd}
-	at = sidEnd + 2 + int(binary.BigEndian.Uint16(body[sidEnd:]))
-	if len(body) < at+1 {
-		return nil, errMalformedHello
-	}
-	at += 1 + int(body[at])
-	if len(body) < at+2 {
-		return nil, errMalformedHello
-	}
-	h.extensions = at
-	end := at + 2 + int(binary.BigEndian.Uint16(body[at:]))
-	if end > len(body) {
-		return nil, errMalformedHello
-	}
-	for at += 2; at < end; {
-		if at+4 > end {
+	// Offsets into body: the block starts after its 2-byte length.
+	exts := &byteReader{b: block}
+	blockEnd := h.extensions + 2 + len(block)
+	for len(exts.b) > 0 {
+		start := blockEnd - len(exts.b)
+		typ := exts.u16()
+		exts.vec16()
+		if exts.err != nil {
 			return nil, errMalformedHello
 		}
-		next := at + 4 + int(binary.BigEndian.Uint16(body[at+2:]))
-		if next > end {
-			return nil, errMalformedHello
-		}
-		h.exts = append(h.exts, helloExtension{binary.BigEndian.Uint16(body[at:]), at, next})
-		at = next
+		h.exts = append(h.exts, helloExtension{uint16(typ), start, blockEnd - len(exts.b)})
 	}
 	return h, nil
 }
@@ -261,37 +250,29 @@ func decryptInner(message []byte, keys map[byte]splitFrontKey) ([]byte, error) {
 	}
 	var ech *helloExtension
 	for i := range outer.exts {
-		if outer.exts[i].typ == extECH {
+		if outer.exts[i].typ == extensionECH {
 			ech = &outer.exts[i]
 		}
 	}
 	if ech == nil {
 		return nil, errors.New("no ECH")
 	}
-	// ECHClientHello (outer): type(1) kdf(2) aead(2) config_id(1) enc<0..2^16-1> payload<1..2^16-1>.
-	data := body[ech.start+4 : ech.end]
-	if len(data) < 8 || data[0] != 0 {
+	// ECHClientHello (outer): type, kdf_id, aead_id, config_id, enc, payload.
+	r := &byteReader{b: body[ech.start+4 : ech.end]}
+	kind, kdfID, aeadID, configID := r.u8(), r.u16(), r.u16(), r.u8()
+	enc, payload := r.vec16(), r.vec16()
+	if r.err != nil || len(r.b) != 0 || kind != 0 {
 		return nil, errMalformedHello
 	}
-	key, ok := keys[data[5]]
+	key, ok := keys[byte(configID)]
 	if !ok {
 		return nil, errors.New("unknown config_id")
 	}
-	encEnd := 8 + int(binary.BigEndian.Uint16(data[6:]))
-	if len(data) < encEnd+2 {
-		return nil, errMalformedHello
-	}
-	enc := data[8:encEnd]
-	payloadAt := encEnd + 2
-	payload := data[payloadAt:]
-	if len(payload) != int(binary.BigEndian.Uint16(data[encEnd:])) {
-		return nil, errMalformedHello
-	}
-	kdf, err := hpke.NewKDF(binary.BigEndian.Uint16(data[1:]))
+	kdf, err := hpke.NewKDF(uint16(kdfID))
 	if err != nil {
 		return nil, err
 	}
-	aead, err := hpke.NewAEAD(binary.BigEndian.Uint16(data[3:]))
+	aead, err := hpke.NewAEAD(uint16(aeadID))
 	if err != nil {
 		return nil, err
 	}
@@ -300,8 +281,9 @@ func decryptInner(message []byte, keys map[byte]splitFrontKey) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The AAD is the outer hello with the payload, the extension's last field, zeroed.
 	aad := bytes.Clone(body)
-	clear(aad[ech.start+4+payloadAt : ech.end])
+	clear(aad[ech.end-len(payload) : ech.end])
 	encoded, err := recipient.Open(aad, payload)
 	if err != nil {
 		return nil, err
@@ -325,7 +307,7 @@ func rebuildInner(encoded, outerBody []byte, outer *helloFields) ([]byte, error)
 	inner = append(inner, 0, 0)
 	cursor := 0
 	for _, ext := range fields.exts {
-		if ext.typ != extECHOuterExtensions {
+		if ext.typ != extensionECHOuterExtensions {
 			inner = append(inner, encoded[ext.start:ext.end]...)
 			continue
 		}
@@ -335,7 +317,7 @@ func rebuildInner(encoded, outerBody []byte, outer *helloFields) ([]byte, error)
 		}
 		for i := 1; i < len(list); i += 2 {
 			want := binary.BigEndian.Uint16(list[i:])
-			if want == extECH {
+			if want == extensionECH {
 				return nil, errMalformedHello
 			}
 			for cursor < len(outer.exts) && outer.exts[cursor].typ != want {
