@@ -16,6 +16,8 @@
 * The listen backlog: the value passed for each endpoint kind, the cap by
   ``net.core.somaxconn``, and a burst of connects that all complete at once
   (with Twisted's 50 they do not).
+* At stop, the connections waiting in a listening socket's accept queue are
+  accepted and served, on the lean engine and on Twisted's port, not reset.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor as global_reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -43,7 +46,8 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.tcp import Port as TwistedPort
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
@@ -51,7 +55,7 @@ from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import provider
 
-from echfront.app.service import FrontService
+from echfront.app.service import FrontService, ListenerService
 from echfront.config.build import listen_endpoints, listen_plan, proxy_listen_endpoints
 from echfront.config.endpoints import DEFAULT_BACKLOG, default_backlog, with_backlog
 from echfront.config.schema import parse_config
@@ -59,9 +63,9 @@ from echfront.ech.decoder import ECHDecoder
 from echfront.ech.keyset import KeySet
 from echfront.errors import ConfigError
 from echfront.front import splice
-from echfront.front.accept import closes_refused
+from echfront.front.accept import accept_queued, closes_refused
 from echfront.front.connection import CONNECTION_EVENT
-from echfront.front.leanport import lean_endpoint
+from echfront.front.leanport import LeanPort, lean_endpoint
 from echfront.front.protocol import FrontFactory
 from echfront.front.proxyproto import ProxyHeaderReader, v2_header
 from echfront.front.state import FrontSettings, FrontState
@@ -746,6 +750,84 @@ class BurstTests(TestCase):
         # and wait for their retransmission (1 s), so this test can fail.
         completed = yield self.burst("tcp:0:interface=127.0.0.1:backlog=50", 1000)
         self.assertLess(completed, 200)
+
+
+class QueuedAtStopTests(RealFrontCase):
+    """Connections the kernel has queued when a listener stops are served, not reset.
+
+    The test holds the reactor while clients connect and send their
+    ClientHello, so every connection waits in the listening socket's accept
+    queue when the service stops; closing the socket then would reset them
+    all.
+    """
+
+    COUNT = 12
+
+    def receive(self, sock: socket.socket, size: int) -> Any:
+        """Wait until ``size`` bytes have arrived on ``sock``; all it received."""
+        buffer = bytearray()
+
+        def arrived() -> bytes | None:
+            buffer.extend(read_available(sock)[0])
+            return bytes(buffer) if len(buffer) >= size else None
+
+        return self.wait_for(arrived, f"{size} bytes")
+
+    @inlineCallbacks
+    def served_after_stop(self, engine: str, port_type: type) -> Any:
+        config = parse_config(
+            {"listen": ["tcp:0:interface=127.0.0.1"], "front": {"engine": engine}}, base=Path("/")
+        )
+        (endpoint,) = listen_endpoints(config, reactor)
+        factory = self.make_factory()
+        service = ListenerService(endpoint, factory)
+        service.startService()
+        self.assertIsInstance(service.port, port_type)
+        assert service.port is not None
+        address = service.port.getHost()
+        assert isinstance(address, IPv4Address)
+        clients = [self.connect(address.port) for _ in range(self.COUNT)]
+        for client in clients:
+            client.sendall(plain_hello())
+        self.assertEqual(len(factory.connections), 0)  # all still queued
+
+        yield service.stopService()
+        self.assertEqual(len(factory.connections), self.COUNT)
+        backends = []
+        for _ in range(self.COUNT):
+            backends.append((yield self.accept_backend()))
+        for backend in backends:
+            hello = yield self.receive(backend, len(plain_hello()))
+            self.assertEqual(hello, plain_hello())
+            backend.sendall(server_hello())
+        for client in clients:
+            answer = yield self.receive(client, len(server_hello()))
+            self.assertEqual(answer, server_hello())
+        # And nothing listens any more.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", address.port), timeout=1).close()
+
+    @pytest.mark.skipif(
+        global_reactor.__class__.__name__ != "EPollReactor", reason="the lean engine needs epoll"
+    )
+    def test_on_the_lean_engine(self) -> Any:
+        return self.served_after_stop("lean", LeanPort)
+
+    def test_on_twisteds_port(self) -> Any:
+        return self.served_after_stop("twisted", TwistedPort)
+
+    def test_a_flood_is_taken_up_to_the_limit(self) -> None:
+        # Twisted's port on a reactor that never runs: connects only queue.
+        clock = MemoryReactorClock()
+        port = TwistedPort(0, Factory.forProtocol(Protocol), 1024, "127.0.0.1", reactor=clock)
+        port.startListening()
+        self.addCleanup(port.connectionLost, None)
+        clients = [self.connect(port.getHost().port) for _ in range(300)]
+        accept_queued(port, limit=150)
+        # Twisted accepts in batches of numberAccepts (100, then 120): two batches.
+        self.assertEqual(port.sessionno, 220)
+        accept_queued(port)
+        self.assertEqual(port.sessionno, len(clients))
 
 
 # -- configuration ----------------------------------------------------------------------

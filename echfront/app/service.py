@@ -70,7 +70,7 @@ from echfront.config.schema import Config, PublishConfig
 from echfront.dns.rfc2136 import TSIGKey
 from echfront.ech.keyset import ECHKey, KeySet
 from echfront.errors import ConfigError
-from echfront.front.accept import closes_refused
+from echfront.front.accept import accept_queued, closes_refused
 from echfront.front.datagram import QuicFront, QuicListener
 from echfront.front.leanport import adopt_port
 from echfront.front.metrics import Metrics, MetricsResource, key_publications_counter
@@ -257,10 +257,10 @@ class FrontService(MultiService):
             quic_listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         listeners = []
         if worker is None:
-            listeners = [StreamServerEndpointService(e, f) for e, f in self._listeners(reactor)]
+            listeners = [ListenerService(e, f) for e, f in self._listeners(reactor)]
             # In a fleet they start with its first key set (FleetService).
             for listener in listeners if self.config.fleet is None else ():
-                listener.setServiceParent(self)
+                listener.setServiceParent(self)  # type: ignore[no-untyped-call]
             if self.config.metrics_listen:
                 metrics_service(
                     self.config.metrics_listen, self.metrics.registry, reactor
@@ -435,6 +435,8 @@ class FrontService(MultiService):
             self._previous_hup = None
         if self._watcher is not None and self._watcher.running:
             self._watcher.stop()
+        for port in self._ports:
+            accept_queued(port)  # closing would reset what the kernel queued
         stopped = [d for d in (port.stopListening() for port in self._ports) if d is not None]
         self._ports = []
         done: Deferred[None] = Deferred()
@@ -468,6 +470,44 @@ class FrontService(MultiService):
         listeners = DeferredList([*stopped, maybeDeferred(super().stopService)])
         listeners.addCallback(drain)
         return done
+
+
+class ListenerService(StreamServerEndpointService):
+    """A ``listen`` entry's service: at stop, what is queued is accepted before the port closes.
+
+    Closing a listening socket resets the connections its accept queue holds
+    (:func:`echfront.front.accept.accept_queued`); the lean engine's ports
+    take them themselves, Twisted's are asked to here.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        super().__init__(_KeepsPort(endpoint, self), factory)  # type: ignore[no-untyped-call]
+        #: The listening port, once listening.
+        self.port: IListeningPort | None = None
+
+    def stopService(self) -> Deferred[None]:
+        """Accept what is queued, then stop listening."""
+        if self.port is not None:
+            accept_queued(self.port)
+            self.port = None
+        stopped: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
+        return stopped
+
+
+class _KeepsPort:
+    """An endpoint that tells its :class:`ListenerService` the port it listens on."""
+
+    def __init__(self, endpoint: Any, service: ListenerService) -> None:
+        self.endpoint = endpoint
+        self.service = service
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        def keep(port: IListeningPort) -> IListeningPort:
+            self.service.port = port
+            return port
+
+        listening: Deferred[IListeningPort] = self.endpoint.listen(factory)
+        return listening.addCallback(keep)
 
 
 def listen_quic(

@@ -18,6 +18,11 @@ balancer):
   networks (from anywhere else a PROXY header is a spoofed address:
   refused, :func:`trusted`) and reads a PROXY header
   (:mod:`echfront.front.proxyproto`) before the ClientHello.
+
+And one thing at stop: connections the kernel has already queued on a
+listening socket are accepted before it closes (closing would reset them),
+:func:`accept_queued` for Twisted's own ports, as the lean engine's
+:meth:`~echfront.front.leanport.LeanPort.stopListening` does for its own.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.tcp import Port as TwistedPort
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IProtocol, ITransport
@@ -45,6 +51,7 @@ __all__ = [
     "FrontBuilder",
     "ListenerFactory",
     "Refused",
+    "accept_queued",
     "closes_refused",
     "proxied_addresses",
     "trusted",
@@ -88,6 +95,33 @@ def closes_refused(endpoint: object) -> bool:
     may wrap the factory (TLS, plugins).
     """
     return type(endpoint) in _BARE_PORT_ENDPOINTS or getattr(endpoint, "closes_refused", 0) is True
+
+
+#: Queued connections :func:`accept_queued` takes at most (a full backlog
+#: of the lean engine's default size), so a flood cannot hold a port open.
+ACCEPT_QUEUED_LIMIT = 1024
+
+
+def accept_queued(port: object, limit: int = ACCEPT_QUEUED_LIMIT) -> None:
+    """Accept the connections queued on Twisted's listening ``port``, before it is closed.
+
+    Closing a listening socket resets the connections in its accept queue,
+    whose TCP handshake the kernel has already completed; accepted, they are
+    served like any other open connection.  Twisted's ``Port.doRead``
+    accepts up to ``numberAccepts`` at a time and raises that number by 20
+    only when it found no end to the queue, so the loop stops at the first
+    call that did.  Other ports are left alone (the lean engine's drains
+    itself); so is a port already closing.
+    """
+    if not isinstance(port, TwistedPort) or not port.connected or port.disconnecting:
+        return
+    taken = 0
+    while taken < limit:
+        batch = port.numberAccepts
+        port.doRead()
+        if port.numberAccepts != batch + 20:
+            return
+        taken += batch
 
 
 def trusted(host: object, networks: Iterable[_Network]) -> bool:

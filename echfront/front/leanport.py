@@ -50,6 +50,9 @@ __all__ = ["DEFAULT_BACKLOG", "LeanPort", "LeanServerEndpoint", "adopt_port", "l
 DEFAULT_BACKLOG = 1024
 #: Connections accepted per wake-up at most.
 ACCEPT_BATCH = 128
+#: Queued connections accepted at most when a port closes (see
+#: :meth:`LeanPort.stopListening`): a full default backlog.
+DRAIN_LIMIT = DEFAULT_BACKLOG
 #: accept(2) errors that mean "not now" for this one connection or wake-up.
 _ACCEPT_LATER = frozenset(
     (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO)
@@ -123,9 +126,13 @@ class LeanPort:
 
     def doRead(self) -> None:
         """Accept what is queued (up to :data:`ACCEPT_BATCH`), each onto the engine."""
+        if self.socket is not None and self.listening:
+            self._accept(ACCEPT_BATCH)
+
+    def _accept(self, limit: int) -> None:
+        """Accept queued connections until the queue is empty, ``limit`` at most."""
         sock = self.socket
-        if sock is None or not self.listening:
-            return
+        assert sock is not None
         engine = self.engine
         host = self._host
         assert host is not None
@@ -134,7 +141,7 @@ class LeanPort:
         # The C methods: socket.socket.accept would build a Python-level
         # socket object per connection around the same descriptor.
         accept = sock._accept  # type: ignore[attr-defined]
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(limit):
             try:
                 fd, sockaddr = accept()
             except (BlockingIOError, InterruptedError):
@@ -163,13 +170,28 @@ class LeanPort:
             LeanTransport(engine, conn, peer, protocol, host).start()
 
     def stopListening(self) -> None:
-        """Close the listening socket; open connections go on."""
+        """Accept what is already queued, then close the listening socket; open connections go on.
+
+        Closing a listening socket resets every connection in its accept
+        queue: clients whose handshake the kernel already completed (and
+        whose ClientHello may be on the way) would see a reset instead of an
+        answer.  They are accepted first and served like any other open
+        connection (at shutdown, within ``shutdown_grace``).  At most the
+        larger of the backlog and :data:`DRAIN_LIMIT` are taken, so a flood
+        cannot hold the port open.
+        """
         if not self.listening:
             return
-        self.listening = False
         self.reactor.removeReader(self)
-        if self.socket is not None:
-            self.socket.close()
+        sock = self.socket
+        if sock is not None:
+            try:
+                self._accept(max(self.backlog, DRAIN_LIMIT))
+            except OSError as error:
+                _log.warn("accept failed while closing: {error}", error=error)
+        self.listening = False
+        if sock is not None:
+            sock.close()
         self.factory.doStop()
         if self._host is not None:
             _log.info("({prefix} Port {port} Closed)", prefix="TCP", port=self._host.port)
