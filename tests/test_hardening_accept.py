@@ -55,7 +55,8 @@ from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import provider
 
-from echfront.app.service import FrontService, ListenerService
+from echfront.app.listeners import ListenerService
+from echfront.app.service import FrontService
 from echfront.config.build import listen_endpoints, listen_plan, proxy_listen_endpoints
 from echfront.config.endpoints import DEFAULT_BACKLOG, default_backlog, with_backlog
 from echfront.config.schema import parse_config

@@ -1,7 +1,8 @@
 """The running application: the service tree, workers, the demo.
 
 Owns: the running front with its reload, shutdown and key-rotation schedule
-(:mod:`~echfront.app.service`), a front's part in a fleet
+(:mod:`~echfront.app.service`), its listening services
+(:mod:`~echfront.app.listeners`), a front's part in a fleet
 (:mod:`~echfront.app.fleet`), the ``--workers`` supervisor
 (:mod:`~echfront.app.workers`), record padding for the TLS the front
 terminates itself (:mod:`~echfront.app.localtls`), the demo's keys, CA and configuration

@@ -46,15 +46,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.multiprocess import MultiProcessCollector
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from echfront.app.fleet import FleetService
+from echfront.app.listeners import ListenerService, listen_quic, metrics_service
 from echfront.app.workers import Supervisor, shared_listeners, worker_listen
 from echfront.config.build import (
     build_publisher,
@@ -65,20 +64,18 @@ from echfront.config.build import (
     load_tsig_key,
     proxy_listen_endpoints,
 )
-from echfront.config.endpoints import udp_listen_address
 from echfront.config.schema import Config, PublishConfig
 from echfront.dns.rfc2136 import TSIGKey
 from echfront.ech.keyset import ECHKey, KeySet
 from echfront.errors import ConfigError
 from echfront.front.accept import accept_queued, closes_refused
-from echfront.front.datagram import QuicFront, QuicListener
+from echfront.front.datagram import QuicFront
 from echfront.front.leanport import adopt_port
-from echfront.front.metrics import Metrics, MetricsResource, key_publications_counter
+from echfront.front.metrics import Metrics, key_publications_counter
 from echfront.front.protocol import FrontFactory
 from echfront.interfaces import IPublisher, StoreSnapshot
 from echfront.keys.keydir import KeyDirectory
 from echfront.keys.rotation import RotationPolicy, Rotator
-from echfront.web import QuietSite
 
 __all__ = [
     "FrontService",
@@ -470,69 +467,6 @@ class FrontService(MultiService):
         listeners = DeferredList([*stopped, maybeDeferred(super().stopService)])
         listeners.addCallback(drain)
         return done
-
-
-class ListenerService(StreamServerEndpointService):
-    """A ``listen`` entry's service: at stop, what is queued is accepted before the port closes.
-
-    Closing a listening socket resets the connections its accept queue holds
-    (:func:`echfront.front.accept.accept_queued`); the lean engine's ports
-    take them themselves, Twisted's are asked to here.
-    """
-
-    def __init__(self, endpoint: Any, factory: Any) -> None:
-        super().__init__(_KeepsPort(endpoint, self), factory)  # type: ignore[no-untyped-call]
-        #: The listening port, once listening.
-        self.port: IListeningPort | None = None
-
-    def stopService(self) -> Deferred[None]:
-        """Accept what is queued, then stop listening."""
-        if self.port is not None:
-            accept_queued(self.port)
-            self.port = None
-        stopped: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
-        return stopped
-
-
-class _KeepsPort:
-    """An endpoint that tells its :class:`ListenerService` the port it listens on."""
-
-    def __init__(self, endpoint: Any, service: ListenerService) -> None:
-        self.endpoint = endpoint
-        self.service = service
-
-    def listen(self, factory: Any) -> Deferred[IListeningPort]:
-        def keep(port: IListeningPort) -> IListeningPort:
-            self.service.port = port
-            return port
-
-        listening: Deferred[IListeningPort] = self.endpoint.listen(factory)
-        return listening.addCallback(keep)
-
-
-def listen_quic(
-    reactor: Any, description: str, protocol: QuicFront, *, reuse_port: bool = False
-) -> QuicListener:
-    """The service of a ``listen_quic`` port (``udp:PORT[:interface=ADDR]``) for ``protocol``.
-
-    :param reuse_port: bind with ``SO_REUSEPORT`` (``--workers``).
-    :raises ConfigError: for a description that does not parse.
-    """
-    try:
-        port, interface = udp_listen_address(description)
-    except ValueError as error:
-        raise ConfigError(f"listen_quic: {error}") from None
-    return QuicListener(reactor, port, interface, protocol, reuse_port=reuse_port)
-
-
-def metrics_service(description: str, registry: Any, reactor: Any) -> StreamServerEndpointService:
-    """The ``--metrics`` listener: Prometheus text format on any path."""
-    try:
-        endpoint = serverFromString(reactor, description)
-    except Exception as error:
-        raise ConfigError(f"metrics: {description!r}: {error}") from None
-    site = QuietSite(MetricsResource(registry))  # type: ignore[no-untyped-call]
-    return StreamServerEndpointService(endpoint, site)
 
 
 # -- the --workers supervisor ---------------------------------------------------------
